@@ -1,0 +1,73 @@
+"""What an attention backend is: per-step metadata in, attention output out.
+
+The engine builds one ``AttentionMetadata`` per step and hands the same object to every
+layer.  A backend plugin subclasses ``AttentionBackend`` (see the hook spec
+``register_attention_backends`` for the contract).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """One flat, unpadded step: sequence ``i`` owns query rows
+    ``query_start_loc[i] : query_start_loc[i+1]``, which sit at the end of its
+    ``seq_lens[i]`` tokens (so its first new token is at position ``seq_lens[i] - query_len``).
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token's K/V
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32: tokens in context after this step
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, so a backend can plan without a device-to-host sync.
+    query_lens_host: list[int]
+    seq_lens_host: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+
+class AttentionBackend(ABC):
+    """One layer's attention over the paged KV cache."""
+
+    name: str = ""
+    priority: int = 0
+    block_dim: int = 1  # which axis of the layer's cache tensor indexes blocks
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+
+    @classmethod
+    def supports(cls, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+        return True
+
+    @staticmethod
+    @abstractmethod
+    def kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...

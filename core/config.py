@@ -1,0 +1,52 @@
+"""EngineConfig: every knob of the engine, with vLLM's names."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF directory or .gguf file; None = the default SmolLM2 model
+    tokenizer: str | None = None  # tokenizer directory, when not the model's own
+    dtype: str = "auto"  # auto, float32, bfloat16, float16
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    attention_backend: str = "auto"
+    scheduler: str = "fcfs"
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: size the cache from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 1.0  # KV cache budget (GiB) when num_kv_blocks is not given
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: max(max_model_len, 2048)
+    max_model_len: int | None = None  # None: the model's context length
+    enable_chunked_prefill: bool = False
+    seed: int = 0
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"device: {self.device!r} is not a torch device ({exc})") from exc
+
+    def resolve_dtype(self, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            dtype = _DTYPES.get(self.dtype)
+            if dtype is None:
+                raise ValueError(
+                    f"dtype: {self.dtype!r} is not one of auto, float32, bfloat16, float16"
+                )
+            return dtype
+        if device.type == "cpu":
+            return torch.float32  # half-precision matmuls are slow or missing on most CPUs
+        if checkpoint_dtype in (torch.float16, torch.bfloat16):
+            return checkpoint_dtype
+        return torch.bfloat16

@@ -1,0 +1,280 @@
+"""LLMEngine: the step loop (schedule -> run -> sample -> update) over the plugins."""
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.detokenizer import IncrementalDetokenizer
+from pagedllm.kv_cache import KVCacheManager
+from pagedllm.loader import load_checkpoint
+from pagedllm.model_runner import ModelRunner
+from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.plugin_manager import get_registry, select
+from pagedllm.request import Request
+from pagedllm.sampler import Sampler
+from pagedllm.sampling_params import InvalidRequestError, SamplingParams
+from pagedllm.scheduler import SchedulerConfig
+
+
+def _eos_ids(hf_config, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(hf_config, "eos_token_id", None),
+                   getattr(tokenizer, "eos_token_id", None) if tokenizer else None):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, log=None):
+        self.config = config
+        self.log = log or (lambda msg: print(f"pagedllm: {msg}", file=sys.stderr))
+        registry = get_registry()
+        self.device = config.resolve_device()
+        # Unknown plugin names fail before anything heavy happens.
+        sched_entry = registry.get("scheduler", config.scheduler)
+        if config.attention_backend != "auto":
+            registry.get("attention", config.attention_backend)
+
+        ckpt = load_checkpoint(config.model, config.tokenizer)
+        self.checkpoint = ckpt
+        self.hf_config = ckpt.hf_config
+        self.tokenizer = ckpt.tokenizer
+        self.dtype = config.resolve_dtype(ckpt.checkpoint_dtype, self.device)
+        archs = list(getattr(self.hf_config, "architectures", None) or [])
+        model_cls = None
+        for arch in archs:
+            if arch in registry.entries["model"]:
+                model_cls = registry.entries["model"][arch].cls
+                break
+        if model_cls is None:
+            raise ValueError(
+                f"model: architectures {archs} in {ckpt.path} are not supported; installed "
+                f"model plugins: {', '.join(registry.names('model'))}"
+            )
+        head_dim = getattr(self.hf_config, "head_dim", None) or (
+            self.hf_config.hidden_size // self.hf_config.num_attention_heads)
+        attn_entry = select("attention", config.attention_backend, head_dim=head_dim,
+                            dtype=self.dtype, device=self.device)
+        self.attention_cls = attn_entry.cls
+        self.model = model_cls(self.hf_config, self.attention_cls, self.dtype, self.device)
+        self.model.load_weights(ckpt.weights())
+        self.model.eval()
+
+        self.num_layers = self.hf_config.num_hidden_layers
+        self.num_kv_heads = getattr(self.hf_config, "num_key_value_heads", None) or \
+            self.hf_config.num_attention_heads
+        self.head_dim = head_dim
+        num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory_gb)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size)
+        shape = self.attention_cls.kv_cache_shape(num_blocks, config.block_size,
+                                                  self.num_kv_heads, head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.num_layers)]
+
+        model_len = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and getattr(self.hf_config, "use_sliding_window", True):
+            model_len = min(model_len, window)  # no sliding-window attention yet: stay inside it
+        if config.max_model_len is not None:
+            if config.max_model_len > model_len:
+                raise ValueError(
+                    f"max_model_len: {config.max_model_len} exceeds the model's context ({model_len})")
+            model_len = config.max_model_len
+        capacity = num_blocks * config.block_size
+        if model_len > capacity:
+            self.log(f"max_model_len lowered from {model_len} to the KV capacity of {capacity} tokens")
+            model_len = capacity
+        self.max_model_len = model_len
+        max_batched = config.max_num_batched_tokens or max(model_len, 2048)
+        self.scheduler = sched_entry.cls(
+            SchedulerConfig(config.max_num_seqs, max_batched, model_len,
+                            config.enable_chunked_prefill),
+            self.kv_manager,
+        )
+        self.runner = ModelRunner(self.model, self.kv_caches, self.kv_manager, self.device)
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
+        self.eos_token_ids = _eos_ids(self.hf_config, self.tokenizer)
+        self.vocab_size = self.hf_config.vocab_size
+        self._requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self.log(
+            f"model {ckpt.path} ({archs[0]}, {ckpt.format}), dtype {str(self.dtype)[6:]}, "
+            f"device {self.device}, attention {attn_entry.name}, scheduler {sched_entry.name}, "
+            f"KV cache {num_blocks} blocks x {config.block_size} = {capacity} tokens, "
+            f"max_model_len {model_len}"
+        )
+
+    def _blocks_for_memory(self, gigabytes: float) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_block = 2 * self.num_layers * self.config.block_size * self.num_kv_heads \
+            * self.head_dim * itemsize
+        return max(1, int(gigabytes * (1 << 30)) // per_block)
+
+    # ---- requests -------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError(
+                "prompt", "this model has no tokenizer; pass {'prompt_token_ids': [...]}")
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def make_request(self, request_id: str, prompt: str | dict | list[int],
+                     params: SamplingParams, priority: int = 0) -> Request:
+        """Validate and build a request without touching engine state."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params", "must be a SamplingParams")
+        params.validate()
+        text = None
+        if isinstance(prompt, str):
+            text = prompt
+            if not prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            token_ids = self.tokenize(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            token_ids = list(prompt["prompt_token_ids"])
+            text = prompt.get("prompt")
+        elif isinstance(prompt, dict) and "prompt" in prompt:
+            return self.make_request(request_id, prompt["prompt"], params, priority)
+        else:
+            raise InvalidRequestError(
+                "prompt", "must be a string or a dict with 'prompt_token_ids' or 'prompt'")
+        if not token_ids:
+            raise InvalidRequestError("prompt", "must not be empty (0 tokens)")
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                "prompt_token_ids", f"token id {bad[0]!r} is outside [0, {self.vocab_size})")
+        n = len(token_ids)
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"has {n} tokens; the context (max_model_len) is {self.max_model_len} "
+                f"tokens and at least one must be left to generate")
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
+        if n + max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                "max_tokens", f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds "
+                f"max_model_len ({self.max_model_len})")
+        if request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        eos = None if params.ignore_eos else next(iter(sorted(self.eos_token_ids)), None)
+        req = Request(request_id, text, token_ids, params, eos, next(self._arrivals), priority)
+        req.max_tokens = max_tokens
+        if params.seed is not None:
+            req.generator = torch.Generator(self.device).manual_seed(params.seed)
+        if self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids,
+                                                     params.skip_special_tokens)
+        return req
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    priority: int = 0) -> Request:
+        req = self.make_request(request_id, prompt, params or SamplingParams(), priority)
+        self._requests[request_id] = req
+        self.scheduler.add_request(req)
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.abort_request(request_id)
+        req.metrics.finished_time = time.monotonic()
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty():
+            if self.scheduler.has_unfinished() and not sched.preempted:
+                raise RuntimeError("scheduler made no progress with requests pending")
+            return []
+        now = time.monotonic()
+        model_input = self.runner.prepare(sched)
+        logits = self.runner.execute(model_input)
+        for item in sched.scheduled:
+            item.request.num_computed_tokens += item.num_new_tokens
+            if item.request.metrics.first_scheduled_time is None:
+                item.request.metrics.first_scheduled_time = now
+        if not model_input.sample_requests:
+            return []
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        sampled = self.sampler(logits, model_input.sample_requests, decode)
+        now = time.monotonic()
+        outputs = []
+        for req, tok in zip(model_input.sample_requests, sampled):
+            self._append_token(req, tok, now)
+            outputs.append(self._output(req))
+            if req.is_finished:
+                self._requests.pop(req.request_id, None)
+        return outputs
+
+    def _append_token(self, req: Request, tok, now: float) -> None:
+        p = req.params
+        req.output_token_ids.append(tok.token_id)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.metrics.last_token_time = now
+        if tok.logprob is not None:
+            req.cumulative_logprob += tok.logprob
+            req.logprobs.append(tok.top_logprobs)
+        delta = req.detokenizer.add_token(tok.token_id) if req.detokenizer else ""
+        req.output_text += delta
+        reason, stop = self._stop_check(req, tok.token_id, delta)
+        if reason is not None:
+            req.stop_reason = stop
+            req.metrics.finished_time = now
+            self.scheduler.finish(req, reason)
+
+    def _stop_check(self, req: Request, token: int, delta: str) -> tuple[str | None, Any]:
+        p = req.params
+        n_out = len(req.output_token_ids)
+        if n_out >= p.min_tokens:
+            if req.eos_token_id is not None and token in self.eos_token_ids:
+                return "stop", None
+            if token in p.stop_token_ids:
+                return "stop", token
+            if p.stop_strings and delta:
+                text = req.output_text
+                window = len(delta) + max(len(s) for s in p.stop_strings) - 1
+                begin = max(0, len(text) - window)
+                hits = [(text.find(s, begin), s) for s in p.stop_strings]
+                hits = [(i, s) for i, s in hits if i >= 0]
+                if hits:
+                    i, s = min(hits)
+                    req.output_text = text[: i + len(s)] if p.include_stop_str_in_output else text[:i]
+                    return "stop", s
+        if n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length", None
+        return None, None
+
+    def _output(self, req: Request) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0,
+            text=req.output_text,
+            token_ids=list(req.output_token_ids),
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+            logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+        )
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
+                             req.is_finished, req.metrics)
+
+    def stats(self) -> dict[str, Any]:
+        s = asdict(self.kv_manager.stats())
+        s["num_preemptions"] = self.scheduler.num_preemptions
+        s["num_running"] = self.scheduler.num_running
+        s["num_waiting"] = self.scheduler.num_waiting
+        s["num_tokens_computed"] = self.runner.num_tokens_computed
+        return s

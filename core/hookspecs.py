@@ -1,0 +1,110 @@
+"""The hook specifications: the whole contract between the core and its plugins.
+
+Every technique in pagedllm is a plugin.  A plugin is a module (or object) with functions
+marked ``@hookimpl`` whose names match the specs below.  The core calls each hook once,
+when the plugin registry is first built (``pagedllm.plugin_manager.get_registry``), and never
+again in the hot path: hooks *register classes*; the engine instantiates them.
+
+Each registered class carries a ``name`` (what users select with, e.g.
+``attention_backend="torch"``) and a ``priority`` (what ``"auto"`` ranks by among the
+classes whose ``supports(...)`` says yes).  The abstract base classes named in each
+docstring live in the core and list the few methods the core calls.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:  # imports for annotations only; keep plugin import cheap
+    from torch import nn
+
+    from pagedllm.attention import AttentionBackend
+    from pagedllm.quantization import QuantizationMethod
+    from pagedllm.scheduler import Scheduler
+    from pagedllm.speculative import SpeculativeDrafter
+
+PROJECT_NAME = "pagedllm"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def register_attention_backends() -> list[type[AttentionBackend]]:
+    """Return attention backend classes, subclasses of ``pagedllm.attention.AttentionBackend``.
+
+    Called once, when the registry is built.  Each class must set ``name`` (unique among
+    backends) and ``priority`` (higher wins under ``attention_backend="auto"``), and implement:
+
+    - ``supports(head_dim, dtype, device) -> bool`` (classmethod): whether it can run here;
+      ``"auto"`` only considers backends that say yes.
+    - ``kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim) -> tuple`` (static):
+      the layout of one layer's KV cache tensor.  The core allocates exactly one such tensor
+      per layer and never looks inside it, except through ``block_dim`` (the axis that indexes
+      blocks) when it copies or swaps whole blocks.
+    - ``forward(query, key, value, kv_cache, metadata) -> Tensor``: write this step's new
+      ``key``/``value`` into ``kv_cache`` at ``metadata.slot_mapping``, then attend each
+      sequence's queries to its cached keys/values, reading them only through
+      ``metadata.block_tables``.  The batch is flat and unpadded: prefill chunks and decode
+      tokens of many sequences mixed in one call (see ``AttentionMetadata``).
+
+    Every backend must pass ``tests/test_attention_conformance.py`` against the ``torch``
+    reference backend.
+    """
+
+
+@hookspec
+def register_schedulers() -> list[type[Scheduler]]:
+    """Return scheduler policy classes, subclasses of ``pagedllm.scheduler.Scheduler``.
+
+    Called once, when the registry is built.  Each class sets ``name``; the user selects one
+    with ``scheduler="<name>"``.  The engine constructs it as
+    ``cls(config: SchedulerConfig, kv_cache: KVCacheManager)`` and then, every step, calls
+    ``schedule() -> SchedulerOutput`` (which requests run how many new tokens, which were
+    preempted) and ``update(output, sampled) -> finished requests``.  The core's
+    ``ContinuousBatchingScheduler`` implements the mechanism; a policy usually only overrides
+    ``order_key(request)`` (who goes first, and who is preempted first: the last).
+    """
+
+
+@hookspec
+def register_quantization_methods() -> list[type[QuantizationMethod]]:
+    """Return quantization method classes, subclasses of
+    ``pagedllm.quantization.QuantizationMethod``.
+
+    Called once, when the registry is built.  Each class sets ``name``; it is selected with
+    ``quantization="<name>"`` or by the checkpoint's ``quantization_config.quant_method``.
+    The loader calls ``method.quantize_model(model)`` after the weights are loaded, and the
+    method replaces the ``nn.Linear`` layers it handles with its own modules, which must
+    compute the same function as the dequantized layer within the method's stated error.
+    """
+
+
+@hookspec
+def register_speculative_drafters() -> list[type[SpeculativeDrafter]]:
+    """Return speculative drafter classes, subclasses of
+    ``pagedllm.speculative.SpeculativeDrafter``.
+
+    Called once, when the registry is built.  Each class sets ``name``, selected with
+    ``speculative_method="<name>"``.  A drafter's ``propose(token_ids, k) -> list[int]``
+    proposes up to ``k`` next tokens for one sequence given all its tokens so far; the engine
+    verifies the proposals with one target-model step, so a drafter affects speed, never output.
+    """
+
+
+@hookspec
+def register_model_architectures() -> dict[str, type[nn.Module]]:
+    """Return ``{HF architecture name: model class}``, e.g. ``{"LlamaForCausalLM": Llama}``.
+
+    Called once, when the registry is built.  The key is matched against ``architectures``
+    in the checkpoint's config.json.  The engine constructs the class as
+    ``cls(hf_config, attention: AttentionFactory, dtype, device)`` and calls:
+
+    - ``load_weights(weights: Iterable[tuple[str, Tensor]])`` with HF parameter names;
+    - ``forward(input_ids, positions, kv_caches, metadata) -> hidden_states`` on one flat
+      token batch (``input_ids`` and ``positions`` are 1-D, one entry per scheduled token);
+    - ``compute_logits(hidden_states) -> logits`` on the rows to be sampled.
+
+    Two plugins registering the same architecture is an error naming both.
+    """

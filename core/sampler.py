@@ -1,0 +1,106 @@
+"""Turns each sampled row of logits into a token: penalties, temperature, top-k/p, min-p,
+per-request seeds, and log-probabilities of the model's own distribution.
+
+Rows are processed independently and a seeded request draws only from its own generator,
+so a seeded request gets the same tokens alone or in any batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.outputs import Logprob
+from pagedllm.request import Request
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: float | None = None
+    # {token_id: Logprob} of the top-k plus the sampled token, when the request asked.
+    top_logprobs: dict[int, Logprob] | None = None
+
+
+def _apply_penalties(logits: torch.Tensor, row: int, req: Request) -> None:
+    p = req.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(req.all_token_ids)), device=logits.device, dtype=torch.long)
+        vals = logits[row, seen]
+        logits[row, seen] = torch.where(
+            vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+        )
+    if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
+        out = torch.tensor(req.output_token_ids, device=logits.device, dtype=torch.long)
+        counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+        logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _filter(logits: torch.Tensor, req: Request) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p on one row; returns probabilities."""
+    p = req.params
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens before it already cover top_p; the first always stays.
+        drop = (torch.cumsum(probs, dim=-1) - probs) > p.top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
+    return probs
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator  # for requests without a seed of their own
+
+    def __call__(
+        self, logits: torch.Tensor, requests: list[Request], tokenizer_decode=None
+    ) -> list[SampledToken]:
+        logits = logits.float()
+        want_logprobs = any(r.params.logprobs is not None for r in requests)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        logits = logits.clone()
+        chosen: list[int] = []
+        for row, req in enumerate(requests):
+            p = req.params
+            _apply_penalties(logits, row, req)
+            if len(req.output_token_ids) < p.min_tokens:
+                banned = list(p.stop_token_ids)
+                if req.eos_token_id is not None:
+                    banned.append(req.eos_token_id)
+                if banned:
+                    logits[row, banned] = float("-inf")
+            if p.greedy:
+                chosen.append(int(torch.argmax(logits[row])))
+                continue
+            probs = _filter(logits[row], req)
+            gen = req.generator if req.generator is not None else self.generator
+            chosen.append(int(torch.multinomial(probs, 1, generator=gen)))
+
+        results = []
+        for row, (req, token) in enumerate(zip(requests, chosen)):
+            k = req.params.logprobs
+            if k is None:
+                results.append(SampledToken(token))
+                continue
+            lp = raw_logprobs[row]
+            sampled_lp = float(lp[token])
+            rank = int((lp > sampled_lp).sum()) + 1
+            top: dict[int, Logprob] = {}
+            if k > 0:
+                vals, ids = torch.topk(lp, k)
+                for r, (v, i) in enumerate(zip(vals.tolist(), ids.tolist()), start=1):
+                    top[i] = Logprob(v, r)
+            top[token] = Logprob(sampled_lp, rank)
+            if tokenizer_decode is not None:
+                for tid, entry in top.items():
+                    entry.decoded_token = tokenizer_decode([tid])
+            results.append(SampledToken(token, sampled_lp, top))
+        return results

@@ -1,0 +1,1 @@
+"""Quantization method plugins (hook: ``register_quantization_methods``)."""

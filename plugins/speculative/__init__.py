@@ -1,0 +1,1 @@
+"""Speculative drafter plugins (hook: ``register_speculative_drafters``)."""
