@@ -1,0 +1,32 @@
+"""Shared fixtures.  The real SmolLM2 model is loaded once per session and shared."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from pagedllm.loader.default_model import resolve_default_model
+
+    return resolve_default_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_path):
+    from pagedllm import LLM
+
+    return LLM(model=str(smollm2_path), dtype="float32", device="cpu")
