@@ -33,9 +33,18 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            return torch.device(self.device)
+            device = torch.device(self.device)
         except RuntimeError as exc:
             raise ValueError(f"device: {self.device!r} is not a torch device ({exc})") from exc
+        # Without this, a missing GPU surfaces later as an AssertionError from deep in torch.
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ValueError(f"device: {self.device!r} asked for, but torch sees no CUDA device")
+            if device.index is not None and device.index >= count:
+                raise ValueError(f"device: {self.device!r} asked for, but torch sees {count} "
+                                 f"CUDA device(s)")
+        return device
 
     def resolve_dtype(self, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
         if self.dtype != "auto":

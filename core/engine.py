@@ -73,12 +73,6 @@ class LLMEngine:
         self.num_kv_heads = getattr(self.hf_config, "num_key_value_heads", None) or \
             self.hf_config.num_attention_heads
         self.head_dim = head_dim
-        num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory_gb)
-        self.kv_manager = KVCacheManager(num_blocks, config.block_size)
-        shape = self.attention_cls.kv_cache_shape(num_blocks, config.block_size,
-                                                  self.num_kv_heads, head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(self.num_layers)]
 
         model_len = getattr(self.hf_config, "max_position_embeddings", None) or 2048
         window = getattr(self.hf_config, "sliding_window", None)
@@ -89,6 +83,16 @@ class LLMEngine:
                 raise ValueError(
                     f"max_model_len: {config.max_model_len} exceeds the model's context ({model_len})")
             model_len = config.max_model_len
+        if config.num_kv_blocks:
+            num_blocks = config.num_kv_blocks
+        else:  # the memory budget, but no more than max_num_seqs full-length sequences need
+            num_blocks = min(self._blocks_for_memory(config.kv_cache_memory_gb),
+                             config.max_num_seqs * -(-model_len // config.block_size))
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size)
+        shape = self.attention_cls.kv_cache_shape(num_blocks, config.block_size,
+                                                  self.num_kv_heads, head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.num_layers)]
         capacity = num_blocks * config.block_size
         if model_len > capacity:
             self.log(f"max_model_len lowered from {model_len} to the KV capacity of {capacity} tokens")

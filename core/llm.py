@@ -55,7 +55,8 @@ class LLM:
             try:
                 requests.append(self.engine.make_request(str(next(self._ids)), prompt, params, prio))
             except InvalidRequestError as exc:
-                raise InvalidRequestError(exc.field, f"prompt {i}: {exc}") from None
+                message = str(exc).removeprefix(f"{exc.field}: ")  # the field is named once
+                raise InvalidRequestError(exc.field, f"prompt {i}: {message}") from None
         for req in requests:
             self.engine._requests[req.request_id] = req
             self.engine.scheduler.add_request(req)

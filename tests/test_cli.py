@@ -91,6 +91,20 @@ def test_unknown_plugin_exits_2_listing_installed_ones(tiny_model):
     assert "Traceback" not in result.stderr
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_has_cuda(), reason="checks the error when no GPU is there")
+def test_cuda_device_without_a_gpu_exits_2():
+    result = run_cli("generate", "hi", "--device", "cuda", "--model", "/nonexistent")
+    assert result.returncode == 2
+    assert result.stderr.startswith("pagedllm: error: device: 'cuda'")
+    assert "Traceback" not in result.stderr
+
+
 def test_bad_flag_type_is_an_argparse_usage_error():
     result = run_cli("generate", "hi", "--max-tokens", "many")
     assert result.returncode == 2
