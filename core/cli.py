@@ -61,7 +61,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, metavar="N",
                    help=f"tokens per KV cache block (default: {d['block_size']})")
     g.add_argument("--num-kv-blocks", type=int, metavar="N",
-                   help="KV cache blocks (default: as many as --kv-cache-memory-gb holds)")
+                   help="KV cache blocks (default: sized from --kv-cache-memory-gb)")
     g.add_argument("--kv-cache-memory-gb", type=float, metavar="GB",
                    help=f"KV cache budget (default: {d['kv_cache_memory_gb']})")
     g.add_argument("--max-model-len", type=int, metavar="N",

@@ -20,7 +20,8 @@ from tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
 TINY_ENGINE = ["--num-kv-blocks", "16", "--block-size", "8", "--max-model-len", "128"]
 
 
-def run_cli(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, stdin: str | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m pagedllm.cli ARGS``; inherits the environment (PAGEDLLM_CACHE_DIR...)."""
     return subprocess.run([sys.executable, "-m", "pagedllm.cli", *args], input=stdin,
                           capture_output=True, text=True, timeout=timeout)
@@ -157,9 +158,8 @@ class _ScriptedEngine:
         text = self.texts.pop(0)
         done = not self.texts
         other = RequestOutput("other", None, [1], [CompletionOutput(0, "xx", [])], False)
-        mine = RequestOutput(self.request_id, None, [1],
-                             [CompletionOutput(0, text, [], finish_reason="stop" if done else None)],
-                             done)
+        completion = CompletionOutput(0, text, [], finish_reason="stop" if done else None)
+        mine = RequestOutput(self.request_id, None, [1], [completion], done)
         return [other, mine]
 
     def abort_request(self, request_id):
