@@ -27,6 +27,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # None: max(max_model_len, 2048)
     max_model_len: int | None = None  # None: the model's context length
     enable_chunked_prefill: bool = False
+    enable_prefix_caching: bool = True
+    preemption_mode: str = "recompute"  # or "swap"
+    swap_space: float = 4.0  # GiB of CPU swap space per engine, used when preemption_mode="swap"
     seed: int = 0
 
     def resolve_device(self) -> torch.device:

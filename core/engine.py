@@ -16,7 +16,7 @@ from pagedllm.loader import load_checkpoint
 from pagedllm.model_runner import ModelRunner
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.plugin_manager import get_registry, select
-from pagedllm.request import Request
+from pagedllm.request import Request, RequestGroup
 from pagedllm.sampler import Sampler
 from pagedllm.sampling_params import InvalidRequestError, SamplingParams
 from pagedllm.scheduler import SchedulerConfig
@@ -88,11 +88,20 @@ class LLMEngine:
         else:  # the memory budget, but no more than max_num_seqs full-length sequences need
             num_blocks = min(self._blocks_for_memory(config.kv_cache_memory_gb),
                              config.max_num_seqs * -(-model_len // config.block_size))
-        self.kv_manager = KVCacheManager(num_blocks, config.block_size)
+        num_swap = 0
+        if config.preemption_mode == "swap":
+            num_swap = self._blocks_for_memory(config.swap_space)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size,
+                                         config.enable_prefix_caching, num_swap)
         shape = self.attention_cls.kv_cache_shape(num_blocks, config.block_size,
                                                   self.num_kv_heads, head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.num_layers)]
+        swap_shape = self.attention_cls.kv_cache_shape(num_swap, config.block_size,
+                                                       self.num_kv_heads, head_dim)
+        pin = self.device.type == "cuda"
+        self.swap_caches = [torch.zeros(swap_shape, dtype=self.dtype, pin_memory=pin)
+                            for _ in range(self.num_layers)] if num_swap else []
         capacity = num_blocks * config.block_size
         if model_len > capacity:
             self.log(f"max_model_len lowered from {model_len} to the KV capacity of {capacity} tokens")
@@ -101,14 +110,14 @@ class LLMEngine:
         max_batched = config.max_num_batched_tokens or max(model_len, 2048)
         self.scheduler = sched_entry.cls(
             SchedulerConfig(config.max_num_seqs, max_batched, model_len,
-                            config.enable_chunked_prefill),
+                            config.enable_chunked_prefill, config.preemption_mode),
             self.kv_manager,
         )
         self.runner = ModelRunner(self.model, self.kv_caches, self.kv_manager, self.device)
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
         self.eos_token_ids = _eos_ids(self.hf_config, self.tokenizer)
         self.vocab_size = self.hf_config.vocab_size
-        self._requests: dict[str, Request] = {}
+        self._requests: dict[str, RequestGroup] = {}
         self._arrivals = itertools.count()
         self.log(
             f"model {ckpt.path} ({archs[0]}, {ckpt.format}), dtype {str(self.dtype)[6:]}, "
@@ -176,22 +185,52 @@ class LLMEngine:
         if self.tokenizer is not None:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids,
                                                      params.skip_special_tokens)
+        req.group = RequestGroup(request_id, [req])
         return req
+
+    def submit(self, req: Request) -> None:
+        """Queue a request made by ``make_request``."""
+        self._requests[req.request_id] = req.group
+        self.scheduler.add_request(req)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     priority: int = 0) -> Request:
         req = self.make_request(request_id, prompt, params or SamplingParams(), priority)
-        self._requests[request_id] = req
-        self.scheduler.add_request(req)
+        self.submit(req)
         return req
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        req = self._requests.pop(request_id, None)
-        if req is None:
+        group = self._requests.pop(request_id, None)
+        if group is None:
             return None
-        self.scheduler.abort_request(request_id)
-        req.metrics.finished_time = time.monotonic()
-        return self._output(req)
+        now = time.monotonic()
+        for seq in group.seqs:
+            if not seq.is_finished:
+                self.scheduler.abort_request(seq.request_id)
+                seq.metrics.finished_time = now
+        return self._output(group)
+
+    def _fork(self, parent: Request) -> list[Request]:
+        """Split a request whose prompt was just computed into ``num_sequences`` sequences
+        sharing the prompt's blocks (copy-on-write)."""
+        children = []
+        for i in range(1, parent.params.num_sequences):
+            child = Request(f"{parent.request_id}#{i}", parent.prompt, parent.prompt_token_ids,
+                            parent.params, parent.eos_token_id, parent.arrival_index,
+                            parent.priority, max_tokens=parent.max_tokens,
+                            num_computed_tokens=parent.num_computed_tokens,
+                            cache_key=parent.cache_key, group=parent.group, index=i)
+            child.metrics = parent.metrics
+            if parent.params.seed is not None:
+                child.generator = torch.Generator(self.device).manual_seed(parent.params.seed + i)
+            if parent.detokenizer is not None:
+                child.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, parent.prompt_token_ids, parent.params.skip_special_tokens)
+            self.kv_manager.fork(parent.request_id, child.request_id)
+            self.scheduler.add_forked(child)
+            parent.group.seqs.append(child)
+            children.append(child)
+        return children
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -204,24 +243,66 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress with requests pending")
             return []
         now = time.monotonic()
+        self._execute_block_ops()
         model_input = self.runner.prepare(sched)
         logits = self.runner.execute(model_input)
+        kv = self.kv_manager
         for item in sched.scheduled:
-            item.request.num_computed_tokens += item.num_new_tokens
-            if item.request.metrics.first_scheduled_time is None:
-                item.request.metrics.first_scheduled_time = now
+            req = item.request
+            req.num_computed_tokens += item.num_new_tokens
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+            if kv.enable_prefix_caching and \
+                    req.num_computed_tokens // kv.block_size > kv.num_cached_blocks(req.request_id):
+                kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens,
+                                     req.cache_key)
         if not model_input.sample_requests:
             return []
+        requests, rows = [], []
+        for row, req in enumerate(model_input.sample_requests):
+            requests.append(req)
+            rows.append(row)
+            if req.group.needs_fork():
+                for child in self._fork(req):
+                    requests.append(child)
+                    rows.append(row)
+        if len(rows) != logits.shape[0]:
+            logits = logits[torch.tensor(rows, device=logits.device)]
         decode = self.tokenizer.decode if self.tokenizer is not None else None
-        sampled = self.sampler(logits, model_input.sample_requests, decode)
+        sampled = self.sampler(logits, requests, decode)
         now = time.monotonic()
-        outputs = []
-        for req, tok in zip(model_input.sample_requests, sampled):
+        touched: dict[str, RequestGroup] = {}
+        for req, tok in zip(requests, sampled):
             self._append_token(req, tok, now)
-            outputs.append(self._output(req))
-            if req.is_finished:
-                self._requests.pop(req.request_id, None)
+            touched[req.group.request_id] = req.group
+        outputs = []
+        for gid, group in touched.items():
+            outputs.append(self._output(group))
+            if group.is_finished:
+                self._requests.pop(gid, None)
         return outputs
+
+    def _execute_block_ops(self) -> None:
+        """Swap-outs, swap-ins and copy-on-write copies the scheduler asked for."""
+        ops = self.kv_manager.take_pending()
+        if not ops:
+            return
+        dim = self.attention_cls.block_dim
+        dev = self.device
+
+        def index(pairs, side):
+            return torch.tensor([p[side] for p in pairs], dtype=torch.long)
+
+        for cache, swap in zip(self.kv_caches, self.swap_caches or [None] * len(self.kv_caches)):
+            if ops.swap_out:
+                src, dst = index(ops.swap_out, 0).to(dev), index(ops.swap_out, 1)
+                swap.index_copy_(dim, dst, cache.index_select(dim, src).to("cpu"))
+            if ops.swap_in:
+                src, dst = index(ops.swap_in, 0), index(ops.swap_in, 1).to(dev)
+                cache.index_copy_(dim, dst, swap.index_select(dim, src).to(dev))
+            if ops.copy:
+                src, dst = index(ops.copy, 0).to(dev), index(ops.copy, 1).to(dev)
+                cache.index_copy_(dim, dst, cache.index_select(dim, src))
 
     def _append_token(self, req: Request, tok, now: float) -> None:
         p = req.params
@@ -231,7 +312,8 @@ class LLMEngine:
         req.metrics.last_token_time = now
         if tok.logprob is not None:
             req.cumulative_logprob += tok.logprob
-            req.logprobs.append(tok.top_logprobs)
+            if req.logprobs is not None:
+                req.logprobs.append(tok.top_logprobs)
         delta = req.detokenizer.add_token(tok.token_id) if req.detokenizer else ""
         req.output_text += delta
         reason, stop = self._stop_check(req, tok.token_id, delta)
@@ -262,22 +344,33 @@ class LLMEngine:
             return "length", None
         return None, None
 
-    def _output(self, req: Request) -> RequestOutput:
-        completion = CompletionOutput(
-            index=0,
-            text=req.output_text,
-            token_ids=list(req.output_token_ids),
-            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
-            logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason,
-        )
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
-                             req.is_finished, req.metrics)
+    def _output(self, group: RequestGroup) -> RequestOutput:
+        first = group.first
+        params = first.params
+        seqs = list(group.seqs)
+        finished = group.is_finished
+        if finished and params.num_sequences > params.n:  # best_of: keep the n most likely
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: params.n]
+        completions = [
+            CompletionOutput(
+                index=i,
+                text=s.output_text,
+                token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob if s.needs_logprob else None,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for i, s in enumerate(seqs)
+        ]
+        return RequestOutput(group.request_id, first.prompt, first.prompt_token_ids, completions,
+                             finished, first.metrics)
 
     def stats(self) -> dict[str, Any]:
         s = asdict(self.kv_manager.stats())
         s["num_preemptions"] = self.scheduler.num_preemptions
+        s["num_swapped_out"] = getattr(self.scheduler, "num_swapped_out", 0)
+        s["num_swapped_in"] = getattr(self.scheduler, "num_swapped_in", 0)
         s["num_running"] = self.scheduler.num_running
         s["num_waiting"] = self.scheduler.num_waiting
         s["num_tokens_computed"] = self.runner.num_tokens_computed

@@ -2,21 +2,31 @@
 
 K/V for token ``i`` of a sequence lives in block ``table[i // block_size]`` at offset
 ``i % block_size``; its *slot* is ``block * block_size + offset``.  Blocks are taken from the
-pool as tokens arrive and returned the moment a sequence ends.  Reference counts let several
-tables hold one block (the mechanism sharing is built on); a block is free when its count
-is zero.  There is no contiguous per-sequence buffer anywhere: the attention backend reads
-K/V only through block tables and slot mappings.
+pool as tokens arrive and returned the moment a sequence ends.  There is no contiguous
+per-sequence buffer anywhere: the attention backend reads K/V only through block tables.
+
+Sharing rests on reference counts: a block's count is the number of tables holding it.
+- *Prefix caching*: every full block gets a key chained over the previous block's key, its
+  token ids and an extra key (anything else that changes K/V).  A new sequence takes every
+  leading block whose key is cached instead of computing it.  A cached block nobody holds
+  stays reusable until the pool needs it, evicted least recently used first.
+- *Copy-on-write*: ``fork`` gives a second table the same blocks; before a sequence writes
+  into a block it shares, ``allocate_slots`` gives it a private copy (the copy itself is a
+  pending block operation the engine executes on the device before the step runs).
+- *Swap*: ``swap_out`` moves a sequence's blocks to a CPU swap pool, ``swap_in`` back.
 """
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
+import hashlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 
 import numpy as np
 
 
 class BlockPool:
-    """Fixed-size block ids ``0 .. num_blocks-1`` with reference counts and a free list."""
+    """Block ids ``0 .. num_blocks-1`` with reference counts, a free list, and an LRU of
+    cached blocks that no table holds (free to reuse, but worth keeping)."""
 
     def __init__(self, num_blocks: int):
         if num_blocks < 1:
@@ -24,25 +34,52 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.ref_counts = np.zeros(num_blocks, dtype=np.int32)
         self._free: deque[int] = deque(range(num_blocks))
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self.block_key: dict[int, bytes] = {}  # cached blocks: block -> prefix key
+        self.cached: dict[bytes, int] = {}  # prefix key -> block
+        self.num_evictions = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     def allocate(self) -> int:
-        block = self._free.popleft()
+        if self._free:
+            block = self._free.popleft()
+        else:  # reuse the least recently used cached block
+            block, _ = self._evictable.popitem(last=False)
+            del self.cached[self.block_key.pop(block)]
+            self.num_evictions += 1
         self.ref_counts[block] = 1
         return block
 
     def incref(self, block: int) -> None:
-        assert self.ref_counts[block] > 0, f"block {block} is free"
+        if self.ref_counts[block] == 0:  # a cached block comes back into use
+            del self._evictable[block]
         self.ref_counts[block] += 1
 
     def decref(self, block: int) -> None:
         assert self.ref_counts[block] > 0, f"block {block} freed twice"
         self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:
-            self._free.append(block)
+            if block in self.block_key:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)
+
+    def register(self, block: int, key: bytes) -> None:
+        """Remember that ``block`` holds the full block with prefix key ``key``."""
+        if key not in self.cached and block not in self.block_key:
+            self.cached[key] = block
+            self.block_key[block] = key
+
+
+def block_key(parent: bytes | None, tokens: list[int], extra: bytes = b"") -> bytes:
+    """Key of a full block: chained over its parent's key, its token ids and an extra key."""
+    h = hashlib.sha256(parent or b"root")
+    h.update(np.asarray(tokens, dtype=np.int64).tobytes())
+    h.update(extra)
+    return h.digest()
 
 
 @dataclass
@@ -52,19 +89,45 @@ class KVCacheStats:
     kv_blocks_peak: int
     kv_slots_allocated: int
     kv_slots_used: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_hit_rate: float
+    swap_blocks_total: int
+    swap_blocks_free: int
+
+
+@dataclass
+class BlockOps:
+    """Block moves the engine must execute on the cache tensors before the step runs:
+    swap-outs first (their sources may be reused this step), then swap-ins, then copies."""
+
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, cpu)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, device)
+    copy: list[tuple[int, int]] = field(default_factory=list)  # (device src, device dst)
+
+    def __bool__(self) -> bool:
+        return bool(self.swap_out or self.swap_in or self.copy)
 
 
 class KVCacheManager:
-    """Owns the block pool and the block table of every sequence that holds KV blocks."""
+    """Owns the block pools and the block table of every sequence that holds KV blocks."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 num_swap_blocks: int = 0):
         if block_size < 1:
             raise ValueError(f"block_size: must be >= 1, got {block_size}")
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
+        self.swap_pool = BlockPool(num_swap_blocks) if num_swap_blocks > 0 else None
         self.block_tables: dict[str, list[int]] = {}
-        self._num_tokens: dict[str, int] = {}  # tokens each table has slots reserved for
+        self.swapped_tables: dict[str, list[int]] = {}  # sequence -> CPU swap blocks
+        self._num_tokens: dict[str, int] = {}  # tokens each table holds slots for
+        self._keys: dict[str, list[bytes]] = {}  # prefix keys of each table's full blocks
+        self.pending = BlockOps()
         self.peak_blocks_used = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     @property
     def num_blocks(self) -> int:
@@ -74,43 +137,172 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free
 
-    def blocks_needed(self, seq_id: str, num_tokens: int) -> int:
-        """New blocks ``seq_id`` needs so that ``num_tokens`` tokens in all have slots."""
-        have = len(self.block_tables.get(seq_id, ()))
-        return max(0, -(-num_tokens // self.block_size) - have)
+    def _note_peak(self) -> None:
+        used = self.pool.num_blocks - self.pool.num_free
+        self.peak_blocks_used = max(self.peak_blocks_used, used)
 
-    def allocate_slots(self, seq_id: str, num_tokens: int) -> bool:
-        """Make sure the first ``num_tokens`` tokens of ``seq_id`` have slots.
+    # ---- allocation ------------------------------------------------------------------------
+    def blocks_needed(self, seq_id: str, num_tokens: int, write_from: int | None = None) -> int:
+        """Blocks ``allocate_slots(seq_id, num_tokens, write_from)`` would take from the pool."""
+        table = self.block_tables.get(seq_id, ())
+        need = max(0, -(-num_tokens // self.block_size) - len(table))
+        if write_from is not None:
+            for i in range(write_from // self.block_size, len(table)):
+                need += self.pool.ref_counts[table[i]] > 1
+        return need
+
+    def allocate_slots(self, seq_id: str, num_tokens: int, write_from: int | None = None) -> bool:
+        """Make sure the first ``num_tokens`` tokens of ``seq_id`` have slots, and that every
+        block from token ``write_from`` on is private (copy-on-write).
 
         All or nothing: returns False, changing nothing, when the pool has too few free blocks.
         """
-        need = self.blocks_needed(seq_id, num_tokens)
-        if need > self.pool.num_free:
+        if self.blocks_needed(seq_id, num_tokens, write_from) > self.pool.num_free:
             return False
         table = self.block_tables.setdefault(seq_id, [])
-        for _ in range(need):
+        if write_from is not None:
+            for i in range(write_from // self.block_size, len(table)):
+                old = table[i]
+                if self.pool.ref_counts[old] > 1:
+                    new = self.pool.allocate()
+                    self.pending.copy.append((old, new))
+                    self.pool.decref(old)
+                    table[i] = new
+        while len(table) * self.block_size < num_tokens:
             table.append(self.pool.allocate())
         self._num_tokens[seq_id] = max(self._num_tokens.get(seq_id, 0), num_tokens)
-        used = self.pool.num_blocks - self.pool.num_free
-        self.peak_blocks_used = max(self.peak_blocks_used, used)
+        self._note_peak()
         return True
 
     def free(self, seq_id: str) -> None:
-        """Return every block of ``seq_id`` (a shared block only when its last holder lets go)."""
-        for block in self.block_tables.pop(seq_id, ()):
+        """Let go of every block of ``seq_id``; shared blocks stay with their other holders.
+        The tail goes first so that, of a cached prefix, its end is evicted before its start."""
+        for block in reversed(self.block_tables.pop(seq_id, ())):
             self.pool.decref(block)
+        for block in self.swapped_tables.pop(seq_id, ()):
+            self.swap_pool.decref(block)
         self._num_tokens.pop(seq_id, None)
+        self._keys.pop(seq_id, None)
+
+    def fork(self, parent_id: str, child_id: str) -> None:
+        """Give ``child_id`` the same blocks as ``parent_id`` (shared until written)."""
+        table = self.block_tables[parent_id]
+        for block in table:
+            self.pool.incref(block)
+        self.block_tables[child_id] = list(table)
+        self._num_tokens[child_id] = self._num_tokens.get(parent_id, 0)
+        self._keys[child_id] = list(self._keys.get(parent_id, ()))
+
+    def num_cached_blocks(self, seq_id: str) -> int:
+        """How many of ``seq_id``'s leading full blocks have prefix keys registered."""
+        return len(self._keys.get(seq_id, ()))
 
     def slot(self, seq_id: str, position: int) -> int:
         table = self.block_tables[seq_id]
         return table[position // self.block_size] * self.block_size + position % self.block_size
 
+    def take_pending(self) -> BlockOps:
+        ops, self.pending = self.pending, BlockOps()
+        return ops
+
+    # ---- prefix caching ---------------------------------------------------------------------
+    def match_prefix(self, seq_id: str, token_ids: list[int], extra: bytes = b"") -> int:
+        """Give a sequence with no blocks every leading cached block of ``token_ids``; return
+        the number of tokens they cover.  At least one token is always left to compute, so
+        the step that finishes the prompt produces logits."""
+        if not self.enable_prefix_caching or seq_id in self.block_tables:
+            return 0
+        table: list[int] = []
+        keys: list[bytes] = []
+        parent = None
+        bs = self.block_size
+        for i in range((len(token_ids) - 1) // bs):
+            key = block_key(parent, token_ids[i * bs : (i + 1) * bs], extra)
+            block = self.pool.cached.get(key)
+            if block is None:
+                break
+            self.pool.incref(block)
+            table.append(block)
+            keys.append(key)
+            parent = key
+        if table:
+            self.block_tables[seq_id] = table
+            self._keys[seq_id] = keys
+            self._num_tokens[seq_id] = len(table) * bs
+            self._note_peak()
+        return len(table) * bs
+
+    def record_prefix_query(self, num_tokens: int, num_hit: int) -> None:
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += num_tokens
+            self.prefix_cache_hits += num_hit
+
+    def cache_full_blocks(self, seq_id: str, token_ids: list[int], num_computed: int,
+                          extra: bytes = b"") -> None:
+        """Register every block of ``seq_id`` whose tokens are all computed."""
+        if not self.enable_prefix_caching:
+            return
+        table = self.block_tables.get(seq_id)
+        if table is None:
+            return
+        keys = self._keys.setdefault(seq_id, [])
+        bs = self.block_size
+        for i in range(len(keys), min(num_computed // bs, len(table))):
+            key = block_key(keys[-1] if keys else None, token_ids[i * bs : (i + 1) * bs], extra)
+            keys.append(key)
+            self.pool.register(table[i], key)
+
+    # ---- swapping ---------------------------------------------------------------------------
+    def swap_out(self, seq_id: str) -> bool:
+        """Move ``seq_id``'s blocks to the CPU swap pool; False (nothing done) if it is full."""
+        table = self.block_tables.get(seq_id, [])
+        if self.swap_pool is None or self.swap_pool.num_free < len(table):
+            return False
+        cpu = []
+        for block in table:
+            c = self.swap_pool.allocate()
+            self.pending.swap_out.append((block, c))
+            cpu.append(c)
+        for block in reversed(table):
+            self.pool.decref(block)
+        del self.block_tables[seq_id]
+        self.swapped_tables[seq_id] = cpu
+        self._keys.pop(seq_id, None)  # the blocks come back elsewhere; cached again if full
+        return True
+
+    def can_swap_in(self, seq_id: str, extra_tokens: int = 0) -> bool:
+        n = len(self.swapped_tables[seq_id])
+        need = max(n, -(-(self._num_tokens.get(seq_id, 0) + extra_tokens) // self.block_size))
+        return need <= self.pool.num_free
+
+    def swap_in(self, seq_id: str) -> bool:
+        cpu = self.swapped_tables.get(seq_id)
+        if cpu is None or len(cpu) > self.pool.num_free:
+            return False
+        table = []
+        for c in cpu:
+            block = self.pool.allocate()
+            self.pending.swap_in.append((c, block))
+            table.append(block)
+            self.swap_pool.decref(c)
+        del self.swapped_tables[seq_id]
+        self.block_tables[seq_id] = table
+        self._note_peak()
+        return True
+
     def stats(self) -> KVCacheStats:
         allocated = sum(len(t) for t in self.block_tables.values()) * self.block_size
+        used = sum(n for s, n in self._num_tokens.items() if s in self.block_tables)
+        q, h = self.prefix_cache_queries, self.prefix_cache_hits
         return KVCacheStats(
             kv_blocks_total=self.pool.num_blocks,
             kv_blocks_free=self.pool.num_free,
             kv_blocks_peak=self.peak_blocks_used,
             kv_slots_allocated=allocated,
-            kv_slots_used=sum(self._num_tokens.values()),
+            kv_slots_used=used,
+            prefix_cache_queries=q,
+            prefix_cache_hits=h,
+            prefix_cache_hit_rate=h / q if q else 0.0,
+            swap_blocks_total=self.swap_pool.num_blocks if self.swap_pool else 0,
+            swap_blocks_free=self.swap_pool.num_free if self.swap_pool else 0,
         )

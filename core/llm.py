@@ -58,8 +58,7 @@ class LLM:
                 message = str(exc).removeprefix(f"{exc.field}: ")  # the field is named once
                 raise InvalidRequestError(exc.field, f"prompt {i}: {message}") from None
         for req in requests:
-            self.engine._requests[req.request_id] = req
-            self.engine.scheduler.add_request(req)
+            self.engine.submit(req)
         return self._run(requests, use_tqdm and len(requests) > 1)
 
     def _run(self, requests, show_progress: bool) -> list[RequestOutput]:
@@ -75,7 +74,7 @@ class LLM:
         finally:
             bar.close()
             for r in requests:  # an exception mid-run must not leave requests holding blocks
-                if not r.is_finished:
+                if not r.group.is_finished:
                     self.engine.abort_request(r.request_id)
         return results  # type: ignore[return-value]
 

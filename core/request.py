@@ -15,6 +15,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # waiting again, after its blocks were taken back
+    SWAPPED = "swapped"  # preempted, its blocks moved to the CPU swap space
     FINISHED = "finished"
 
 
@@ -45,10 +46,18 @@ class Request:
     generator: torch.Generator | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
     detokenizer: object | None = None
+    cache_key: bytes = b""  # extra prefix-cache key: anything besides tokens that changes K/V
+    group: object | None = None  # the RequestGroup (n > 1, best_of) this sequence belongs to
+    index: int = 0  # position of this sequence in its group
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None:
             self.logprobs = []
+
+    @property
+    def needs_logprob(self) -> bool:
+        """Whether sampled tokens' log-probabilities are tracked (asked for, or best_of)."""
+        return self.params.logprobs is not None or self.params.num_sequences > self.params.n
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -69,3 +78,25 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+
+@dataclass(eq=False)
+class RequestGroup:
+    """One user request: its sequences (one, or ``best_of``/``n`` forked from the first
+    after the prompt is computed, sharing its blocks)."""
+
+    request_id: str
+    seqs: list[Request]
+
+    @property
+    def first(self) -> Request:
+        return self.seqs[0]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs) and \
+            len(self.seqs) == self.first.params.num_sequences
+
+    def needs_fork(self) -> bool:
+        return len(self.seqs) == 1 and self.first.params.num_sequences > 1 \
+            and not self.first.output_token_ids

@@ -64,7 +64,7 @@ class Sampler:
         self, logits: torch.Tensor, requests: list[Request], tokenizer_decode=None
     ) -> list[SampledToken]:
         logits = logits.float()
-        want_logprobs = any(r.params.logprobs is not None for r in requests)
+        want_logprobs = any(r.needs_logprob for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = logits.clone()
         chosen: list[int] = []
@@ -86,12 +86,15 @@ class Sampler:
 
         results = []
         for row, (req, token) in enumerate(zip(requests, chosen)):
-            k = req.params.logprobs
-            if k is None:
+            if not req.needs_logprob:
                 results.append(SampledToken(token))
                 continue
             lp = raw_logprobs[row]
             sampled_lp = float(lp[token])
+            k = req.params.logprobs
+            if k is None:  # tracked for best_of ranking only
+                results.append(SampledToken(token, sampled_lp))
+                continue
             rank = int((lp > sampled_lp).sum()) + 1
             top: dict[int, Logprob] = {}
             if k > 0:

@@ -24,6 +24,7 @@ class SamplingParams:
     """
 
     n: int = 1
+    best_of: int | None = None  # sample this many sequences, return the n most likely
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -53,14 +54,22 @@ class SamplingParams:
         self.validate()
 
     @property
+    def num_sequences(self) -> int:
+        """Sequences generated for the request: best_of when given, else n."""
+        return self.best_of or self.n
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
     def validate(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
             raise InvalidRequestError("n", f"must be an integer >= 1, got {self.n!r}")
-        if self.n > 1:
-            raise InvalidRequestError("n", "n > 1 (parallel sampling) is not supported yet; use n=1")
+        if self.best_of is not None and (not isinstance(self.best_of, int) or self.best_of < self.n):
+            raise InvalidRequestError("best_of", f"must be an integer >= n ({self.n}), got {self.best_of!r}")
+        if (self.best_of or self.n) > 1 and self.temperature == 0 and self.best_of != self.n \
+                and self.best_of is not None:
+            raise InvalidRequestError("best_of", "must equal n under greedy sampling (temperature 0)")
         if self.temperature < 0:
             raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
