@@ -8,7 +8,7 @@ from pagedllm.sampling_params import InvalidRequestError, SamplingParams
 
 __all__ = [
     "LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
-    "Logprob", "InvalidRequestError", "hookimpl",
+    "Logprob", "InvalidRequestError", "hookimpl", "BeamSearchParams", "BeamSearchOutput",
 ]
 __version__ = "0.1.0"
 
@@ -20,6 +20,9 @@ def __getattr__(name):  # keep `import pagedllm` light for plugins that only nee
     if name == "LLMEngine":
         from pagedllm.engine import LLMEngine
         return LLMEngine
+    if name in ("BeamSearchParams", "BeamSearchOutput"):
+        from pagedllm import beam_search
+        return getattr(beam_search, name)
     if name == "EngineConfig":
         from pagedllm.config import EngineConfig
         return EngineConfig

@@ -210,6 +210,10 @@ class LLMEngine:
                 seq.metrics.finished_time = now
         return self._output(group)
 
+    def release(self, request: Request) -> None:
+        """Free the blocks a finished ``hold_blocks`` request kept."""
+        self.kv_manager.free(request.request_id)
+
     def _fork(self, parent: Request) -> list[Request]:
         """Split a request whose prompt was just computed into ``num_sequences`` sequences
         sharing the prompt's blocks (copy-on-write)."""

@@ -101,5 +101,24 @@ class LLM:
             prompts.append({"prompt_token_ids": list(ids)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    def beam_search(self, prompts: PromptType | Sequence[PromptType],
+                    params: "BeamSearchParams") -> list["BeamSearchOutput"]:
+        """Beam search (vLLM's shape): the ``beam_width`` best continuations of each prompt,
+        best first.  Beams share their common blocks copy-on-write."""
+        from pagedllm.beam_search import beam_search
+
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        token_lists = []
+        for i, p in enumerate(prompts):
+            try:
+                req = self.engine.make_request(f"beam-check-{i}", p, SamplingParams(
+                    max_tokens=params.max_tokens, ignore_eos=True))
+            except InvalidRequestError as exc:
+                message = str(exc).removeprefix(f"{exc.field}: ")
+                raise InvalidRequestError(exc.field, f"prompt {i}: {message}") from None
+            token_lists.append(req.prompt_token_ids)
+        return beam_search(self.engine, token_lists, params)
+
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()

@@ -49,6 +49,7 @@ class Request:
     cache_key: bytes = b""  # extra prefix-cache key: anything besides tokens that changes K/V
     group: object | None = None  # the RequestGroup (n > 1, best_of) this sequence belongs to
     index: int = 0  # position of this sequence in its group
+    hold_blocks: bool = False  # keep the blocks after finishing, until released (beam search)
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None:

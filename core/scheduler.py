@@ -151,7 +151,8 @@ class ContinuousBatchingScheduler(Scheduler):
             if request in queue:
                 queue.remove(request)
                 break
-        self.kv_cache.free(request.request_id)
+        if not request.hold_blocks or reason == "abort":
+            self.kv_cache.free(request.request_id)
 
     def _preempt(self, victim: Request) -> None:
         victim.metrics.num_preemptions += 1
