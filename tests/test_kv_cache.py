@@ -97,3 +97,113 @@ def test_stats_peak_and_waste():
 def test_bad_sizes_name_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field):
         KVCacheManager(**kwargs)
+
+
+# ---- sharing: fork, copy-on-write, prefix cache, swap -----------------------------------------
+def check_all_invariants(kv: KVCacheManager) -> None:
+    pool = kv.pool
+    holders = [0] * kv.num_blocks
+    for table in kv.block_tables.values():
+        for b in table:
+            holders[b] += 1
+    assert list(pool.ref_counts) == holders
+    free = set(pool._free)
+    evictable = set(pool._evictable)
+    assert len(free) == len(pool._free) and not free & evictable
+    for b in range(kv.num_blocks):  # every block is exactly one of: held, free, cached-idle
+        assert (holders[b] > 0) + (b in free) + (b in evictable) == 1
+    assert all(b in pool.block_key for b in evictable)  # idle blocks stay only when cached
+    assert all(pool.cached[key] == b for b, key in pool.block_key.items())
+    if kv.swap_pool is not None:
+        swap_holders = [0] * kv.swap_pool.num_blocks
+        for table in kv.swapped_tables.values():
+            for b in table:
+                swap_holders[b] += 1
+        assert list(kv.swap_pool.ref_counts) == swap_holders
+        assert kv.swap_pool.num_free + sum(swap_holders) == kv.swap_pool.num_blocks
+    assert not set(kv.block_tables) & set(kv.swapped_tables)
+
+
+sharing_ops = st.lists(
+    st.tuples(st.sampled_from(["admit", "append", "fork", "free", "swap_out", "swap_in"]),
+              st.integers(0, 5), st.integers(0, 5), st.integers(1, 9)),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(num_blocks=st.integers(2, 20), ops=sharing_ops, vocab=st.integers(1, 3))
+def test_random_sharing_operations_keep_counts_exact(num_blocks, ops, vocab):
+    """Random interleavings of admit (with prefix-cache hits), append (with copy-on-write),
+    fork, free, swap out and swap in: reference counts always equal the number of tables
+    holding each block, and no block is lost."""
+    bs = 2
+    kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=True, num_swap_blocks=6)
+    tokens: dict[str, list[int]] = {}  # token ids of every live sequence
+    computed: dict[str, int] = {}
+    for op, a, b, n in ops:
+        sa, sb = f"s{a}", f"s{b}"
+        if op == "admit" and sa not in tokens:
+            toks = [(a * 7 + i) % vocab for i in range(n)]  # small vocab: many cache hits
+            hit = kv.match_prefix(sa, toks)
+            assert hit % bs == 0 and hit < len(toks)
+            if kv.allocate_slots(sa, len(toks), write_from=hit):
+                tokens[sa], computed[sa] = toks, len(toks)
+                kv.cache_full_blocks(sa, toks, len(toks))
+            else:
+                kv.free(sa)
+        elif op == "append" and sa in kv.block_tables:
+            new = tokens[sa] + [n % vocab]
+            before = {blk: kv.pool.ref_counts[blk] for blk in kv.block_tables[sa]}
+            if kv.allocate_slots(sa, len(new), write_from=computed[sa]):
+                # the block being written is private now
+                pos_block = kv.block_tables[sa][computed[sa] // bs]
+                assert kv.pool.ref_counts[pos_block] == 1
+                tokens[sa], computed[sa] = new, len(new)
+                kv.cache_full_blocks(sa, new, len(new))
+            else:
+                assert {blk: kv.pool.ref_counts[blk] for blk in kv.block_tables[sa]} == before
+        elif op == "fork" and sa in kv.block_tables and sb not in tokens:
+            kv.fork(sa, sb)
+            tokens[sb], computed[sb] = list(tokens[sa]), computed[sa]
+            assert kv.block_tables[sb] == kv.block_tables[sa]
+        elif op == "free" and sa in tokens:
+            kv.free(sa)
+            tokens.pop(sa)
+            computed.pop(sa)
+        elif op == "swap_out" and sa in kv.block_tables:
+            n_blocks = len(kv.block_tables[sa])
+            if kv.swap_out(sa):
+                assert len(kv.swapped_tables[sa]) == n_blocks
+        elif op == "swap_in" and sa in kv.swapped_tables:
+            kv.swap_in(sa)
+        check_all_invariants(kv)
+    kv.take_pending()
+    for sid in list(tokens):
+        kv.free(sid)
+    check_all_invariants(kv)
+    assert kv.num_free_blocks == num_blocks
+    assert kv.swap_pool.num_free == 6
+
+
+def test_copy_on_write_copies_only_the_written_shared_block():
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    assert kv.allocate_slots("p", 10)  # blocks 0,1 full; 2 partial
+    kv.fork("p", "c")
+    assert kv.allocate_slots("c", 11, write_from=10)
+    ops = kv.take_pending()
+    p, c = kv.block_tables["p"], kv.block_tables["c"]
+    assert p[:2] == c[:2] and p[2] != c[2]
+    assert ops.copy == [(p[2], c[2])]
+    assert kv.allocate_slots("p", 11, write_from=10)  # now private: no second copy
+    assert not kv.take_pending().copy
+
+
+def test_prefix_keys_chain_over_previous_blocks():
+    kv = KVCacheManager(num_blocks=10, block_size=2, enable_prefix_caching=True)
+    kv.allocate_slots("a", 5)
+    kv.cache_full_blocks("a", [1, 2, 3, 4, 5], 5)
+    kv.free("a")
+    assert kv.match_prefix("b", [1, 2, 3, 4, 9]) == 4
+    assert kv.match_prefix("c", [9, 9, 3, 4, 5]) == 0  # same block, different history
+    assert kv.match_prefix("d", [1, 2, 3, 4]) == 2  # one token is always left to compute

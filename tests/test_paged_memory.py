@@ -184,3 +184,14 @@ def test_bad_preemption_mode_and_best_of_name_the_field(model_dir):
     from pagedllm import InvalidRequestError
     with pytest.raises(InvalidRequestError, match="best_of"):
         SamplingParams(n=3, best_of=2)
+
+
+def test_w1_shaped_internal_waste_under_4_percent(tmp_path):
+    from pagedllm.bench.memory_waste import measure, tiny_random_llama
+    from pagedllm.bench.workloads import w1_requests
+
+    full = w1_requests()
+    assert sum(len(p) for p, _ in full) == 142_827 and sum(m for _, m in full) == 133_966
+    tiny_random_llama(str(tmp_path))
+    r = measure(str(tmp_path), num_requests=16, scale=4, block_size=16)
+    assert 0 < r["waste"] < 0.04

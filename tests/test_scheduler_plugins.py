@@ -51,14 +51,18 @@ def sim_step(sched, log: dict | None = None, step: int = 0):
     ids = [s.request.request_id for s in out.scheduled]
     assert len(ids) == len(set(ids))
     assert not set(out.preempted) & {s.request for s in out.scheduled}
+    kv = sched.kv_cache
     for victim in out.preempted:
-        assert victim.num_computed_tokens == 0 and victim in sched.waiting
-        assert victim.request_id not in sched.kv_cache.block_tables
+        assert victim.request_id not in kv.block_tables
+        if victim.status == RequestStatus.SWAPPED:
+            assert victim in sched.swapped and victim.request_id in kv.swapped_tables
+        else:
+            assert victim.num_computed_tokens == 0 and victim in sched.waiting
 
     # Admission order: nobody left waiting ranks strictly ahead of someone admitted.
     admitted = [s.request for s in out.scheduled if s.request in waiting_before]
     for a in admitted:
-        for w in sched.waiting:
+        for w in sched.waiting + sched.swapped:
             assert not sched.rank(w) < sched.rank(a), (
                 f"{w.request_id} {sched.rank(w)} left waiting, {a.request_id} {sched.rank(a)} admitted")
 
@@ -76,12 +80,14 @@ def sim_step(sched, log: dict | None = None, step: int = 0):
         have = len(sched.kv_cache.block_tables[req.request_id]) * sched.kv_cache.block_size
         assert have >= req.num_computed_tokens + item.num_new_tokens
         req.num_computed_tokens += item.num_new_tokens
+        kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         if req.num_computed_tokens == req.num_tokens:
             req.output_token_ids.append(7)
             if log is not None:
                 log.setdefault(req.request_id, []).append(step)
             if len(req.output_token_ids) >= req.max_tokens:
                 sched.finish(req, "length")
+    kv.take_pending()  # block copies a device would do; nothing to move here
     return ({s.request.request_id: s.num_new_tokens for s in out.scheduled},
             [r.request_id for r in out.preempted])
 
@@ -240,7 +246,7 @@ def test_urgent_arrival_preempts_for_a_sequence_slot():
 
 
 @pytest.mark.parametrize("cls", [Chunked, Priority], ids=["chunked_prefill", "priority"])
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     reqs=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12), st.integers(0, 6),
                             st.integers(0, 3)), min_size=1, max_size=12),
@@ -248,16 +254,21 @@ def test_urgent_arrival_preempts_for_a_sequence_slot():
     max_num_seqs=st.integers(1, 6),
     budget=st.integers(6, 24),
     chunked=st.booleans(),
+    prefix_caching=st.booleans(),
+    swap_blocks=st.sampled_from([0, 0, 10, 40]),
 )
 def test_every_request_finishes_in_order_and_every_block_returns(
-        cls, reqs, num_blocks, max_num_seqs, budget, chunked):
+        cls, reqs, num_blocks, max_num_seqs, budget, chunked, prefix_caching, swap_blocks):
     block_size = 4
     max_len = 52  # 40 prompt + 12 output
-    kv = KVCacheManager(num_blocks, block_size)
+    # Prompts are 1, 2, 3, ...: every shorter one is a prefix of every longer one.
+    kv = KVCacheManager(num_blocks, block_size, prefix_caching, swap_blocks)
+    mode = "swap" if swap_blocks else "recompute"
     if cls is Chunked:
-        config = SchedulerConfig(max_num_seqs, max(budget, max_num_seqs), max_len, True)
+        config = SchedulerConfig(max_num_seqs, max(budget, max_num_seqs), max_len, True, mode)
     else:
-        config = SchedulerConfig(max_num_seqs, budget if chunked else max_len, max_len, chunked)
+        config = SchedulerConfig(max_num_seqs, budget if chunked else max_len, max_len, chunked,
+                                 mode)
     sched = cls(config, kv)
     pending = sorted((arrive, i, p, m, prio) for i, (p, m, arrive, prio) in enumerate(reqs))
     all_reqs = []
@@ -274,6 +285,9 @@ def test_every_request_finishes_in_order_and_every_block_returns(
     for req in all_reqs:
         assert req.is_finished and len(req.output_token_ids) == req.max_tokens
     assert kv.num_free_blocks == num_blocks
+    assert not kv.block_tables and not kv.swapped_tables
+    if swap_blocks:
+        assert kv.swap_pool.num_free == swap_blocks
 
 
 # ---- end to end on a tiny random model ----------------------------------------------------
