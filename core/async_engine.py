@@ -194,6 +194,7 @@ class AsyncLLMEngine:
         self._stop = False
         self._accepting = True
         self._drain_deadline: float | None = None
+        self._drain_logged = False
         self._dead: BaseException | None = None
         self._unexplained_failures = 0
         self._ids = itertools.count()
@@ -291,10 +292,14 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         self._check_accepting()
         requests = []
-        for item in items:
+        for index, item in enumerate(items):
             request_id, prompt, params = item[:3]
             priority = item[3] if len(item) > 3 else 0
-            requests.append(self.engine.make_request(request_id, prompt, params, priority))
+            try:
+                requests.append(self.engine.make_request(request_id, prompt, params, priority))
+            except InvalidRequestError as exc:
+                exc.index = index  # which item, for callers that submit several
+                raise
         streams = [RequestStream(r.request_id, loop, self.abort) for r in requests]
         with self._lock:
             self._check_accepting()
@@ -360,6 +365,12 @@ class AsyncLLMEngine:
                 if self._stop:
                     break
                 self._check_drain_deadline()
+                if not self._accepting and not self._drain_logged:
+                    self._drain_logged = True
+                    left = "" if self._drain_deadline is None else \
+                        f" for up to {max(0.0, self._drain_deadline - time.monotonic()):.0f} s"
+                    self.log(f"draining: no new requests; {len(self._live)} unfinished "
+                             f"request(s) go on{left}")
                 if engine.has_unfinished_requests():
                     try:
                         outputs = engine.step()

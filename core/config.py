@@ -16,6 +16,7 @@ _DTYPES = {
 class EngineConfig:
     model: str | None = None  # HF directory or .gguf file; None = the default SmolLM2 model
     tokenizer: str | None = None  # tokenizer directory, when not the model's own
+    load_format: str = "auto"  # or "dummy": random weights for a preset shape or config.json
     dtype: str = "auto"  # auto, float32, bfloat16, float16
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     attention_backend: str = "auto"

@@ -44,7 +44,7 @@ class LLMEngine:
         if config.attention_backend != "auto":
             registry.get("attention", config.attention_backend)
 
-        ckpt = load_checkpoint(config.model, config.tokenizer)
+        ckpt = load_checkpoint(config.model, config.tokenizer, config.load_format)
         self.checkpoint = ckpt
         self.hf_config = ckpt.hf_config
         self.tokenizer = ckpt.tokenizer
@@ -66,7 +66,10 @@ class LLMEngine:
                             dtype=self.dtype, device=self.device)
         self.attention_cls = attn_entry.cls
         self.model = model_cls(self.hf_config, self.attention_cls, self.dtype, self.device)
-        self.model.load_weights(ckpt.weights())
+        if ckpt.format == "dummy":
+            self._randomize_weights()
+        else:
+            self.model.load_weights(ckpt.weights())
         self.model.eval()
 
         self.num_layers = self.hf_config.num_hidden_layers
@@ -125,6 +128,15 @@ class LLMEngine:
             f"KV cache {num_blocks} blocks x {config.block_size} = {capacity} tokens, "
             f"max_model_len {model_len}"
         )
+
+    @torch.no_grad()
+    def _randomize_weights(self) -> None:
+        gen = torch.Generator(self.device).manual_seed(self.config.seed)
+        for name, p in self.model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, device=self.device) * 0.02)
 
     def _blocks_for_memory(self, gigabytes: float) -> int:
         itemsize = torch.empty((), dtype=self.dtype).element_size()

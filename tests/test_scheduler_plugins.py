@@ -20,7 +20,6 @@ from pagedllm.plugins.schedulers.chunked_prefill import ChunkedPrefillScheduler
 from pagedllm.plugins.schedulers.fcfs import FCFSScheduler
 from pagedllm.plugins.schedulers.priority import PriorityScheduler
 from pagedllm.request import Request, RequestStatus
-from pagedllm.sampling_params import SamplingParams as Params
 from pagedllm.scheduler import SchedulerConfig
 from tiny_models import assert_well_separated, build_tiny_model, hf_greedy, random_prompts
 
@@ -28,8 +27,9 @@ from tiny_models import assert_well_separated, build_tiny_model, hf_greedy, rand
 # ---- model-free simulation ----------------------------------------------------------------
 def make_request(name: str, prompt_len: int, max_tokens: int, arrival: int,
                  priority: int = 0) -> Request:
-    req = Request(name, None, list(range(1, prompt_len + 1)), Params(max_tokens=max_tokens),
-                  None, arrival_index=arrival, priority=priority)
+    req = Request(name, None, list(range(1, prompt_len + 1)),
+                  SamplingParams(max_tokens=max_tokens), None, arrival_index=arrival,
+                  priority=priority)
     req.max_tokens = max_tokens
     return req
 
@@ -38,7 +38,7 @@ def remaining(req: Request) -> int:
     return req.num_tokens - req.num_computed_tokens
 
 
-def sim_step(sched, log: dict | None = None, step: int = 0):
+def sim_step(sched):
     """One scheduler step, checking what every step must satisfy; returns
     ``({request id: new tokens}, preempted ids)``."""
     cfg = sched.config
@@ -64,7 +64,8 @@ def sim_step(sched, log: dict | None = None, step: int = 0):
     for a in admitted:
         for w in sched.waiting + sched.swapped:
             assert not sched.rank(w) < sched.rank(a), (
-                f"{w.request_id} {sched.rank(w)} left waiting, {a.request_id} {sched.rank(a)} admitted")
+                f"{w.request_id} ({sched.rank(w)}) left waiting, "
+                f"{a.request_id} ({sched.rank(a)}) admitted")
 
     if isinstance(sched, ChunkedPrefillScheduler):
         # Decodes are never starved by a prefill: if any prompt chunk ran, every request
@@ -83,8 +84,6 @@ def sim_step(sched, log: dict | None = None, step: int = 0):
         kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         if req.num_computed_tokens == req.num_tokens:
             req.output_token_ids.append(7)
-            if log is not None:
-                log.setdefault(req.request_id, []).append(step)
             if len(req.output_token_ids) >= req.max_tokens:
                 sched.finish(req, "length")
     kv.take_pending()  # block copies a device would do; nothing to move here
@@ -278,7 +277,7 @@ def test_every_request_finishes_in_order_and_every_block_returns(
             req = make_request(f"r{i}", p, m, i, prio)
             all_reqs.append(req)
             sched.add_request(req)
-        sim_step(sched, step=step)
+        sim_step(sched)
         if not pending and not sched.has_unfinished():
             break
     assert not sched.has_unfinished(), "scheduler stalled"

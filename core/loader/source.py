@@ -61,7 +61,33 @@ def _gguf_tokenizer(path: Path):
     return tok
 
 
-def load_checkpoint(model: str | None, tokenizer: str | None = None) -> LoadedCheckpoint:
+def _dummy_checkpoint(model: str | None, tokenizer: str | None) -> LoadedCheckpoint:
+    """Random weights for a preset shape or a config.json (benchmarks need no checkpoint)."""
+    from pagedllm.loader.presets import PRESETS, preset_config
+
+    if model in PRESETS:
+        config, path = preset_config(model), Path(model)
+    else:
+        path = Path(model or "").expanduser()
+        cfg_file = path / "config.json" if path.is_dir() else path
+        if not cfg_file.is_file():
+            raise ModelLoadError(
+                f"model: with load_format='dummy', give a preset ({', '.join(PRESETS)}) or a "
+                f"config.json path; got {model!r}")
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(cfg_file.parent))
+    tok = _hf_tokenizer(Path(tokenizer), None) if tokenizer else None
+    return LoadedCheckpoint(path=path, hf_config=config, weights=lambda: iter(()),
+                            tokenizer=tok, checkpoint_dtype=None, format="dummy")
+
+
+def load_checkpoint(model: str | None, tokenizer: str | None = None,
+                    load_format: str = "auto") -> LoadedCheckpoint:
+    if load_format == "dummy":
+        return _dummy_checkpoint(model, tokenizer)
+    if load_format != "auto":
+        raise ModelLoadError(f"load_format: must be 'auto' or 'dummy', got {load_format!r}")
     path = resolve_default_model() if model is None else Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(

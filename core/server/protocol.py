@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from pagedllm.sampling_params import InvalidRequestError, SamplingParams
 
@@ -31,7 +31,7 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool | None = False  # vLLM: usage in every chunk
 
 
-class _SamplingRequest(OpenAIBaseModel):
+class SamplingRequest(OpenAIBaseModel):
     """Fields chat and completions share."""
 
     model: str | None = None
@@ -94,6 +94,10 @@ class _SamplingRequest(OpenAIBaseModel):
         )
 
     @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -102,7 +106,7 @@ class _SamplingRequest(OpenAIBaseModel):
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
@@ -149,7 +153,7 @@ class ResponseFormat(OpenAIBaseModel):
     type: str
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
@@ -307,6 +311,11 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class ChatDelta(OpenAIBaseModel):
     role: str | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler):
+        # OpenAI sends only the keys a delta changes ({} on the last chunk).
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChunkChoice(OpenAIBaseModel):

@@ -9,8 +9,8 @@ this order:
 3. waiting requests, admitted with as large a first chunk as the budget has left.
 
 So a long prompt is split over as many steps as the budget says, and every decoding request
-still gets its token every step while it is prefilled (as long as ``max_num_batched_tokens``
-is at least the number of running requests; vLLM requires that too).
+still gets its token every step while it is prefilled (as long as the budget covers one
+token per running request; vLLM requires ``max_num_batched_tokens >= max_num_seqs``).
 
 The mechanism is the core's: ``ContinuousBatchingScheduler`` serves running requests in
 ``order_key`` order, then admits waiting ones, and splits prompts by the budget when

@@ -14,9 +14,10 @@ is more urgent, and ties are served by arrival.  The order decides three things:
   preempts, so requests of one priority do not evict each other.
 
 The core's mechanism serves the running batch and brings swapped-out requests back; this
-policy then does admission itself.  Preemption is the core's (recompute, or swap when
-configured), and so is admitting one request (prefix-cache reuse included).  Prompts are
-split into chunks when ``SchedulerConfig.enable_chunked_prefill`` is on.
+policy then does admission itself, where a waiting request goes ahead of swapped-out ones
+only if it is strictly more urgent than all of them.  Preemption is the core's (recompute,
+or swap when configured), and so is admitting one request (prefix-cache reuse included).
+Prompts are split into chunks when ``SchedulerConfig.enable_chunked_prefill`` is on.
 """
 from __future__ import annotations
 
