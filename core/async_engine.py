@@ -419,9 +419,7 @@ class AsyncLLMEngine:
             # Aborted (or its consumer gone) before it ever reached the engine.
             self._forget(req.request_id)
             return
-        # As LLM.generate does: the request was validated by make_request already.
-        self.engine._requests[req.request_id] = req
-        self.engine.scheduler.add_request(req)
+        self.engine.submit(req)
         self._live[req.request_id] = req
 
     def _abort_now(self, request_id: str, why: str) -> None:
@@ -454,7 +452,7 @@ class AsyncLLMEngine:
                 self._send(progress, out, now)
 
     def _send(self, progress: _Progress, out: RequestOutput, now: float) -> None:
-        num_tokens = len(out.outputs[0].token_ids)
+        num_tokens = sum(len(c.token_ids) for c in out.outputs)
         new = num_tokens - progress.num_tokens
         interval = None if progress.last_time is None else now - progress.last_time
         if new > 0:
@@ -515,16 +513,15 @@ class AsyncLLMEngine:
                  f"that caused it\n{traceback.format_exc()}")
         # Requests the failed step finished before it broke: their result stands.
         for request_id, req in list(self._live.items()):
-            if req.is_finished and req.finish_reason != "abort":
-                out = engine.abort_request(request_id) or engine._output(req)
-                self._deliver([out])
-        suspects = [r for r in self._live.values() if r.status == RequestStatus.RUNNING]
-        parked = sorted(self._live.values(), key=lambda r: r.arrival_index)
-        for req in parked:  # frees every block; the tokens so far stay in the request
-            engine.abort_request(req.request_id)
+            if req.group.is_finished:
+                self._deliver([engine.abort_request(request_id) or engine._output(req.group)])
+        suspects = [r for r in self._live.values()
+                    if any(s.status == RequestStatus.RUNNING for s in r.group.seqs)]
+        parked = {rid: self._park(req) for rid, req in
+                  sorted(self._live.items(), key=lambda kv: kv[1].arrival_index)}
         culprits: dict[str, BaseException] = {}
-        for req in suspects:
-            self._readmit(req)
+        for req in suspects:  # alone in the engine, one step each
+            self._readmit(req, parked[req.request_id])
             try:
                 outputs = engine.step()
             except Exception as probe_exc:  # noqa: BLE001
@@ -532,8 +529,8 @@ class AsyncLLMEngine:
                 culprits[req.request_id] = probe_exc
                 continue
             self._deliver(outputs)
-            if not req.is_finished:
-                engine.abort_request(req.request_id)  # park it again; it resumes below
+            if req.request_id in self._live:
+                parked[req.request_id] = self._park(req)  # it resumes with the rest below
         if culprits:
             self._unexplained_failures = 0
         else:
@@ -546,17 +543,29 @@ class AsyncLLMEngine:
         for request_id, cause in culprits.items():
             self.log(f"request {request_id} fails alone: failing it ({cause!r})")
             self._fail(request_id, RequestFailedError(request_id, cause))
-        for req in parked:
-            if req.request_id in self._live and req.request_id not in culprits \
-                    and not (req.is_finished and req.finish_reason != "abort"):
-                self._readmit(req)
+        for request_id, seqs in parked.items():
+            req = self._live.get(request_id)
+            if req is not None and request_id not in culprits:
+                self._readmit(req, seqs)
 
-    def _readmit(self, req: Request) -> None:
-        """Put a parked request back: it recomputes its prompt and tokens, as after a
-        preemption, and continues where it stopped."""
-        req.finish_reason = None
-        req.stop_reason = None
-        req.num_computed_tokens = 0
-        req.metrics.finished_time = None
-        self.engine._requests[req.request_id] = req
-        self.engine.scheduler.add_request(req)
+    def _park(self, req: Request) -> list[Request]:
+        """Take a request out of the engine, freeing its blocks; its tokens stay in its
+        sequences.  Returns the sequences that were unfinished."""
+        seqs = [s for s in req.group.seqs if not s.is_finished]
+        self.engine.abort_request(req.request_id)
+        return seqs
+
+    def _readmit(self, req: Request, seqs: list[Request]) -> None:
+        """Put a parked request back: its unfinished sequences recompute their prompt and
+        tokens, as after a preemption, and continue where they stopped."""
+        for s in seqs:
+            s.finish_reason = None
+            s.stop_reason = None
+            s.num_computed_tokens = 0
+            s.metrics.finished_time = None
+            if s is req:
+                self.engine.submit(s)
+            else:
+                self.engine.scheduler.add_request(s)
+        if req not in seqs:  # only forked sequences are left: the group is still tracked
+            self.engine._requests[req.request_id] = req.group

@@ -1,7 +1,10 @@
-"""The ``pagedllm`` command line, after vLLM's: ``generate``, ``chat`` and ``plugins``.
+"""The ``pagedllm`` command line, after vLLM's: ``generate``, ``chat``, ``serve``,
+``bench serve`` and ``plugins``.
 
     pagedllm generate "The capital of France is" --max-tokens 8
     echo "What is the capital of France?" | pagedllm chat --temperature 0
+    pagedllm serve --model DIR --host 127.0.0.1 --port 8000 --api-key KEY
+    pagedllm bench serve --base-url http://127.0.0.1:8000 --rate 1 4 inf --num-requests 1000
     pagedllm plugins --json
 
 Answers go to stdout and nothing else does; engine logs, progress bars and errors go to
@@ -104,6 +107,32 @@ def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None
                    help="keep generating past the end-of-sequence token")
 
 
+def _add_server_args(parser: argparse.ArgumentParser) -> None:
+    """HTTP server flags, with vLLM's names."""
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: "
+                        "%(default)s)")
+    g.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    g.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and "
+                        "/detokenize (default: $PAGEDLLM_API_KEY, else no key)")
+    g.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="names clients give as `model` (default: the model path's basename, "
+                        "or SmolLM2-135M-Instruct for the default model)")
+    g.add_argument("--max-waiting", type=int, metavar="N",
+                   help="answer 503 with Retry-After once N requests are waiting to run, so "
+                        "memory stays bounded under overload (default: no limit)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, let running requests finish for up to S seconds, then "
+                        "abort them (default: %(default)s)")
+    g.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="(default: %(default)s)")
+    g.add_argument("--disable-uvicorn-access-log", action="store_true",
+                   help="no log line per HTTP request")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; subcommands carry their handler in ``args.handler``."""
     parser = argparse.ArgumentParser(
@@ -130,6 +159,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(chat)
     _add_sampling_args(chat, CHAT_MAX_TOKENS)
     chat.set_defaults(handler=cmd_chat)
+
+    serve = sub.add_parser(
+        "serve", help="run the OpenAI-compatible HTTP server",
+        description="Serve the model over OpenAI's HTTP API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models, /health, /metrics, /tokenize, "
+                    "/detokenize) until SIGTERM or Ctrl-C, which stop accepting requests and "
+                    "let the running ones finish (up to --shutdown-timeout).")
+    serve.add_argument("model_tag", nargs="?", metavar="MODEL",
+                       help="the model, as vLLM's `vllm serve MODEL` takes it (same as --model)")
+    _add_server_args(serve)
+    _add_engine_args(serve)
+    serve.set_defaults(handler=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks",
+                           description="Benchmarks; `bench serve` load-tests a running server.")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    from pagedllm.bench import serve as bench_serve  # standard library only: cheap
+
+    bench_serve_parser = bench_sub.add_parser(
+        "serve", help="W3: streaming requests with Poisson arrivals against a server",
+        description="Send W3 of BENCHMARKS.md over HTTP: streaming completions with "
+                    "Poisson arrivals at each --rate, random-token prompts, ignore_eos; print "
+                    "request throughput, output tok/s, TTFT and TPOT at p50 and p99.")
+    bench_serve.add_arguments(bench_serve_parser)
+    bench_serve_parser.set_defaults(handler=cmd_bench_serve)
 
     plugins = sub.add_parser("plugins", help="list installed plugins",
                              description="List every plugin class the installed plugins "
@@ -312,6 +366,40 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
         return _chat_interactive(session)
     return _chat_piped(session, sys.stdin)
+
+
+# ---- serve --------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the model and serve it until SIGTERM or Ctrl-C (then drain and exit 0)."""
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise ValueError(f"model: given twice, as {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"port: must be in [0, 65535], got {args.port}")
+    if args.max_waiting is not None and args.max_waiting < 1:
+        raise ValueError(f"max-waiting: must be >= 1, got {args.max_waiting}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"shutdown-timeout: must be >= 0, got {args.shutdown_timeout}")
+    from pagedllm.server.launcher import run_server
+
+    return run_server(
+        engine_kwargs(args), host=args.host, port=args.port,
+        served_model_names=args.served_model_name,
+        api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
+        max_waiting=args.max_waiting, shutdown_timeout=args.shutdown_timeout,
+        log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    """W3 against a running server; one table row (or JSON line) per rate."""
+    import asyncio
+
+    from pagedllm.bench import serve as bench_serve
+
+    bench_serve.check_arguments(args)
+    summaries = asyncio.run(bench_serve.bench(args))
+    return EXIT_OK if all(s.completed for s in summaries) else EXIT_FAILURE
 
 
 # ---- plugins ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: size the cache from kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0  # KV cache budget (GiB) when num_kv_blocks is not given
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: max(max_model_len, 2048)
+    max_num_batched_tokens: int | None = None  # None: 2048 when chunking, else max(max_model_len, 2048)
     max_model_len: int | None = None  # None: the model's context length
     enable_chunked_prefill: bool = False
     enable_prefix_caching: bool = True

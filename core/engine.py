@@ -110,10 +110,11 @@ class LLMEngine:
             self.log(f"max_model_len lowered from {model_len} to the KV capacity of {capacity} tokens")
             model_len = capacity
         self.max_model_len = model_len
-        max_batched = config.max_num_batched_tokens or max(model_len, 2048)
+        chunked = config.enable_chunked_prefill or getattr(sched_entry.cls, "chunked_prefill", False)
+        max_batched = config.max_num_batched_tokens or (2048 if chunked else max(model_len, 2048))
         self.scheduler = sched_entry.cls(
-            SchedulerConfig(config.max_num_seqs, max_batched, model_len,
-                            config.enable_chunked_prefill, config.preemption_mode),
+            SchedulerConfig(config.max_num_seqs, max_batched, model_len, chunked,
+                            config.preemption_mode),
             self.kv_manager,
         )
         self.runner = ModelRunner(self.model, self.kv_caches, self.kv_manager, self.device)

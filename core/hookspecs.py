@@ -65,6 +65,8 @@ def register_schedulers() -> list[type[Scheduler]]:
     preempted) and ``update(output, sampled) -> finished requests``.  The core's
     ``ContinuousBatchingScheduler`` implements the mechanism; a policy usually only overrides
     ``order_key(request)`` (who goes first, and who is preempted first: the last).
+    A class that sets ``chunked_prefill = True`` always splits prompts: the engine builds its
+    ``SchedulerConfig`` with chunked prefill on (and a 2048-token default budget).
     """
 
 

@@ -374,8 +374,6 @@ def test_chunked_prefill_output_equals_unchunked_fcfs(tiny, monkeypatch):
     _check_chunked_run(tiny, llm, monkeypatch)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="engine reads chunked_prefill class attribute")
 def test_selecting_chunked_prefill_alone_enables_chunking(tiny, monkeypatch):
     llm = _llm(tiny, scheduler="chunked_prefill", max_num_batched_tokens=8)
     _check_chunked_run(tiny, llm, monkeypatch)

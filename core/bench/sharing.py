@@ -19,14 +19,30 @@ def _engine(args, **kw) -> LLM:
                dtype=args.dtype, **kw)
 
 
+def _free(llm: LLM) -> None:
+    """Give the engine's KV cache back before the next engine is built."""
+    import gc
+
+    import torch
+
+    llm.engine.kv_caches.clear()
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _run(llm: LLM, prompts, params) -> dict:
+    llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
     ttft = sorted(o.metrics.time_to_first_token for o in outs)
-    return {"seconds": elapsed, "tok_s": n_out / elapsed, "ttft_mean": sum(ttft) / len(ttft),
-            "ttft_p50": ttft[len(ttft) // 2], **llm.stats()}
+    result = {"seconds": elapsed, "tok_s": n_out / elapsed, "ttft_mean": sum(ttft) / len(ttft),
+              "ttft_p50": ttft[len(ttft) // 2], **llm.stats()}
+    _free(llm)
+    return result
 
 
 def w4(args) -> list[tuple]:
@@ -54,20 +70,21 @@ def w5(args) -> list[tuple]:
                for _ in range(64 // s)]
     out_len = 256 // s
     rows = []
-    forked = _engine(args, enable_prefix_caching=False)
-    r = _run(forked, prompts, SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=out_len,
+    r = _run(_engine(args, enable_prefix_caching=False), prompts, SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=out_len,
                                              ignore_eos=True))
-    rows.append(("W5 n=4 (copy-on-write)", r["tok_s"], f"peak blocks {r['kv_blocks_peak']}"))
-    separate = _engine(args, enable_prefix_caching=False)
-    r = _run(separate, [p for p in prompts for _ in range(4)],
+    rows.append(("W5 n=4 (copy-on-write)", r["tok_s"],
+                 f"peak blocks {r['kv_blocks_peak']}, {r['seconds']:.2f}s"))
+    r = _run(_engine(args, enable_prefix_caching=False), [p for p in prompts for _ in range(4)],
              SamplingParams(temperature=1.0, max_tokens=out_len, ignore_eos=True))
-    rows.append(("W5 4 separate requests", r["tok_s"], f"peak blocks {r['kv_blocks_peak']}"))
+    rows.append(("W5 4 separate requests", r["tok_s"],
+                 f"peak blocks {r['kv_blocks_peak']}, {r['seconds']:.2f}s"))
     beams = _engine(args, enable_prefix_caching=False)
     start = time.perf_counter()
     beams.beam_search(prompts, BeamSearchParams(beam_width=4, max_tokens=out_len, ignore_eos=True))
     elapsed = time.perf_counter() - start
     rows.append(("W5 beam width 4", 4 * len(prompts) * out_len / elapsed,
-                 f"peak blocks {beams.stats()['kv_blocks_peak']}"))
+                 f"peak blocks {beams.stats()['kv_blocks_peak']}, {elapsed:.2f}s"))
+    _free(beams)
     return rows
 
 
@@ -76,7 +93,7 @@ def main() -> None:
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--scale", type=int, default=1)
-    parser.add_argument("--kv-cache-memory-gb", type=float, default=40.0)
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=30.0)
     parser.add_argument("--only", choices=["w4", "w5"], default=None)
     args = parser.parse_args()
     rows = []

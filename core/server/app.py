@@ -10,11 +10,12 @@ a model this server does not serve, 503 with ``Retry-After`` when too many reque
 the server is draining.  Once a stream has started, an error arrives as a ``data: {"error":
 ...}`` event followed by ``[DONE]``.
 
-A choice is one engine request: ``n`` choices (and a completion's list of prompts) fan out
-into engine requests with ids ``<id>-<prompt>-<choice>`` and seeds ``seed + choice``; the
-whole set is validated and admitted together or not at all.  When the client goes away the
-request's engine requests are aborted: streaming responses see it as cancellation, and
-non-streaming ones watch for the disconnect while they wait.
+Each prompt is one engine request (id ``<id>-<prompt index>``) whose ``n`` (and
+``best_of``) sequences the engine forks after the prompt, sharing its KV blocks; choice
+``prompt index * n + sequence index``.  A completion's list of prompts is validated and
+admitted together or not at all.  When the client goes away its engine requests are
+aborted: streaming responses see it as cancellation, non-streaming ones watch for the
+disconnect while they wait.
 """
 from __future__ import annotations
 
@@ -279,6 +280,7 @@ class _Choice:
     sent_tokens: int = 0
     text_offset: int = 0
     started: bool = False
+    done: bool = False
 
 
 # ---- the app ---------------------------------------------------------------------------------
@@ -434,18 +436,14 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings,
     # ---- generation ---------------------------------------------------------------------
     def start(request_id: str, prompts: list, body: P.SamplingRequest, max_tokens: int | None,
               logprobs: int | None, rename: Mapping[str, str]) -> list[RequestStream]:
-        items = []
         try:
-            for i, prompt in enumerate(prompts):
-                for j in range(body.n):
-                    params = body.sampling_params(max_tokens, logprobs, choice=j)
-                    items.append((f"{request_id}-{i}-{j}", prompt, params))
-            return engine.add_requests(items)
+            params = body.sampling_params(max_tokens, logprobs)
+            return engine.add_requests([(f"{request_id}-{i}", prompt, params)
+                                        for i, prompt in enumerate(prompts)])
         except InvalidRequestError as exc:
             err = _bad_request(exc, rename)
-            index = getattr(exc, "index", len(items))
-            if len(prompts) > 1:
-                err.message = f"{err.message} (prompt {index // body.n})"
+            if len(prompts) > 1 and hasattr(exc, "index"):
+                err.message = f"{err.message} (prompt {exc.index})"
             raise err from None
 
     @app.post("/v1/completions")
@@ -465,22 +463,18 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings,
                 _completion_events(request_id, model, created, body, streams, echo),
                 media_type="text/event-stream")
         outputs = await _collect_or_raise(streams, raw)
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        for index, out in enumerate(outputs):
-            c = out.outputs[0]
-            text = c.text if echo is None else echo[index // body.n] + c.text
-            lp = None
-            if body.logprobs is not None and c.logprobs is not None:
-                lp = _completion_logprobs(c.token_ids, c.logprobs, body.logprobs, 0)[0]
-            choices.append(P.CompletionChoice(index=index, text=text, logprobs=lp,
-                                              finish_reason=c.finish_reason,
-                                              stop_reason=c.stop_reason))
-            completion_tokens += len(c.token_ids)
-            if index % body.n == 0:
-                prompt_tokens += len(out.prompt_token_ids)
+        choices = []
+        for i, out in enumerate(outputs):
+            for c in out.outputs:
+                text = c.text if echo is None else echo[i] + c.text
+                lp = None
+                if body.logprobs is not None and c.logprobs is not None:
+                    lp = _completion_logprobs(c.token_ids, c.logprobs, body.logprobs, 0)[0]
+                choices.append(P.CompletionChoice(index=i * body.n + c.index, text=text,
+                                                  logprobs=lp, finish_reason=c.finish_reason,
+                                                  stop_reason=c.stop_reason))
         return P.CompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                    usage=P.UsageInfo.of(prompt_tokens, completion_tokens)
-                                    ).model_dump()
+                                    usage=_usage(dict(enumerate(outputs)))).model_dump()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, raw: Request):
@@ -503,21 +497,19 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings,
             return StreamingResponse(_chat_events(request_id, model, created, body, streams),
                                      media_type="text/event-stream")
         outputs = await _collect_or_raise(streams, raw)
-        choices, completion_tokens = [], 0
-        for index, out in enumerate(outputs):
-            c = out.outputs[0]
+        choices = []
+        for c in outputs[0].outputs:
             lp = None
             if body.logprobs and c.logprobs is not None:
                 lp = P.ChatLogprobs(content=_chat_logprobs(c.token_ids, c.logprobs,
                                                            body.top_logprobs or 0))
-            choices.append(P.ChatChoice(index=index,
+            choices.append(P.ChatChoice(index=c.index,
                                         message=P.ChatResponseMessage(content=c.text),
                                         logprobs=lp, finish_reason=c.finish_reason,
                                         stop_reason=c.stop_reason))
-            completion_tokens += len(c.token_ids)
         return P.ChatCompletionResponse(
             id=request_id, created=created, model=model, choices=choices,
-            usage=P.UsageInfo.of(len(ids), completion_tokens)).model_dump()
+            usage=_usage({0: outputs[0]})).model_dump()
 
     # ---- response pieces ----------------------------------------------------------------
     def _prompt_text(prompt) -> str:
@@ -561,15 +553,16 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings,
         except (RequestFailedError, EngineStoppedError) as exc:
             raise _error_for(exc) from None
 
-    def _usage(outputs: dict[int, RequestOutput], n: int) -> P.UsageInfo:
-        prompt = sum(len(o.prompt_token_ids) for i, o in outputs.items() if i % n == 0)
-        completion = sum(len(o.outputs[0].token_ids) for o in outputs.values())
+    def _usage(outputs: dict[int, RequestOutput]) -> P.UsageInfo:
+        """Usage of the latest output of each prompt (one engine request per prompt)."""
+        prompt = sum(len(o.prompt_token_ids) for o in outputs.values())
+        completion = sum(len(c.token_ids) for o in outputs.values() for c in o.outputs)
         return P.UsageInfo.of(prompt, completion)
 
-    def _advance(state: _Choice, out: RequestOutput, holdback: int) -> tuple[str, int, int]:
-        """The text to send now and the token range it covers."""
-        c = out.outputs[0]
-        end = len(c.text) if out.finished else max(state.sent_text, len(c.text) - holdback)
+    def _advance(state: _Choice, c, finished: bool, holdback: int) -> tuple[str, int, int]:
+        """The text of completion ``c`` to send now and the token range it covers."""
+        finished = finished or c.finish_reason is not None
+        end = len(c.text) if finished else max(state.sent_text, len(c.text) - holdback)
         delta = c.text[state.sent_text:end]
         state.sent_text = max(state.sent_text, end)
         first, last = state.sent_tokens, len(c.token_ids)
@@ -602,74 +595,83 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings,
     def _completion_events(request_id, model, created, body: P.CompletionRequest, streams,
                            echo: list[str] | None):
         n = body.n
-        states = [_Choice() for _ in streams]
+        states: dict[int, _Choice] = {}
         holdback = _holdback(body.stop_strings, body.include_stop_str_in_output)
 
-        def chunks(index, out, latest):
+        def chunks(prompt_index, out, latest):
             if out is None:
                 return
-            state = states[index]
-            delta, first, last = _advance(state, out, holdback)
-            c = out.outputs[0]
-            if not state.started and echo is not None:
-                delta = echo[index // n] + delta
-            state.started = True
-            lp = None
-            if body.logprobs is not None and c.logprobs is not None and last > first:
-                lp, state.text_offset = _completion_logprobs(
-                    c.token_ids[first:last], c.logprobs[first:last], body.logprobs,
-                    state.text_offset)
-            if not delta and lp is None and not out.finished:
-                return
-            yield P.CompletionChunk(
-                id=request_id, created=created, model=model,
-                choices=[P.CompletionChoice(index=index, text=delta, logprobs=lp,
-                                            finish_reason=c.finish_reason if out.finished else None,
-                                            stop_reason=c.stop_reason if out.finished else None)],
-                usage=_usage(latest, n) if body.continuous_usage else None)
+            for c in out.outputs:
+                index = prompt_index * n + c.index
+                state = states.setdefault(index, _Choice())
+                if state.done:
+                    continue
+                delta, first, last = _advance(state, c, out.finished, holdback)
+                done = out.finished or c.finish_reason is not None
+                if not state.started and echo is not None:
+                    delta = echo[prompt_index] + delta
+                state.started = True
+                lp = None
+                if body.logprobs is not None and c.logprobs is not None and last > first:
+                    lp, state.text_offset = _completion_logprobs(
+                        c.token_ids[first:last], c.logprobs[first:last], body.logprobs,
+                        state.text_offset)
+                if not delta and lp is None and not done:
+                    continue
+                state.done = done
+                yield P.CompletionChunk(
+                    id=request_id, created=created, model=model,
+                    choices=[P.CompletionChoice(index=index, text=delta, logprobs=lp,
+                                                finish_reason=c.finish_reason if done else None,
+                                                stop_reason=c.stop_reason if done else None)],
+                    usage=_usage(latest) if body.continuous_usage else None)
 
         def usage_chunk(latest):
             if not body.include_usage:
                 return None
             return P.CompletionChunk(id=request_id, created=created, model=model, choices=[],
-                                     usage=_usage(latest, n))
+                                     usage=_usage(latest))
 
         return _events(streams, chunks, usage_chunk)
 
     def _chat_events(request_id, model, created, body: P.ChatCompletionRequest, streams):
-        states = [_Choice() for _ in streams]
+        states: dict[int, _Choice] = {}
         holdback = _holdback(body.stop_strings, body.include_stop_str_in_output)
 
         def chunk(choice: P.ChatChunkChoice, latest) -> P.ChatCompletionChunk:
             return P.ChatCompletionChunk(
                 id=request_id, created=created, model=model, choices=[choice],
-                usage=_usage(latest, body.n) if body.continuous_usage and latest else None)
+                usage=_usage(latest) if body.continuous_usage and latest else None)
 
-        def chunks(index, out, latest):
+        def chunks(_prompt_index, out, latest):
             if out is None:  # the opening: every choice's role, before any token exists
-                for i in range(len(streams)):
+                for i in range(body.n):
                     yield chunk(P.ChatChunkChoice(index=i, delta=P.ChatDelta(
                         role="assistant", content="")), latest)
                 return
-            state = states[index]
-            delta, first, last = _advance(state, out, holdback)
-            c = out.outputs[0]
-            lp = None
-            if body.logprobs and c.logprobs is not None and last > first:
-                lp = P.ChatLogprobs(content=_chat_logprobs(
-                    c.token_ids[first:last], c.logprobs[first:last], body.top_logprobs or 0))
-            if not delta and lp is None and not out.finished:
-                return
-            yield chunk(P.ChatChunkChoice(
-                index=index, delta=P.ChatDelta(content=delta if delta else None),
-                logprobs=lp, finish_reason=c.finish_reason if out.finished else None,
-                stop_reason=c.stop_reason if out.finished else None), latest)
+            for c in out.outputs:
+                state = states.setdefault(c.index, _Choice())
+                if state.done:
+                    continue
+                delta, first, last = _advance(state, c, out.finished, holdback)
+                done = out.finished or c.finish_reason is not None
+                lp = None
+                if body.logprobs and c.logprobs is not None and last > first:
+                    lp = P.ChatLogprobs(content=_chat_logprobs(
+                        c.token_ids[first:last], c.logprobs[first:last], body.top_logprobs or 0))
+                if not delta and lp is None and not done:
+                    continue
+                state.done = done
+                yield chunk(P.ChatChunkChoice(
+                    index=c.index, delta=P.ChatDelta(content=delta if delta else None),
+                    logprobs=lp, finish_reason=c.finish_reason if done else None,
+                    stop_reason=c.stop_reason if done else None), latest)
 
         def usage_chunk(latest):
             if not body.include_usage:
                 return None
             return P.ChatCompletionChunk(id=request_id, created=created, model=model,
-                                         choices=[], usage=_usage(latest, body.n))
+                                         choices=[], usage=_usage(latest))
 
         return _events(streams, chunks, usage_chunk)
 

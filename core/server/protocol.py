@@ -61,25 +61,27 @@ class SamplingRequest(OpenAIBaseModel):
         """What SamplingParams cannot check: fan-out size, unsupported OpenAI fields."""
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequestError("n", f"must be in [1, {MAX_N}], got {self.n}")
-        if self.best_of is not None and self.best_of != self.n:
-            raise InvalidRequestError("best_of", "is not supported; leave it out or equal to n")
+        if self.best_of is not None and not self.n <= self.best_of <= MAX_N:
+            raise InvalidRequestError("best_of", f"must be in [n, {MAX_N}], got {self.best_of}")
+        if self.stream and (self.best_of or self.n) > self.n:
+            raise InvalidRequestError("best_of", "cannot stream: the best sequences are only "
+                                                 "known at the end; leave it out or equal to n")
         if self.logit_bias:
             raise InvalidRequestError("logit_bias", "is not supported")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options", "is only allowed when stream is true")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        choice: int = 0) -> SamplingParams:
-        """One engine request's SamplingParams.  Choice ``j`` of ``n`` gets seed
-        ``seed + j``, so choice 0 is what the same request with ``n=1`` returns."""
-        seed = None if self.seed is None else self.seed + choice
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The engine request's SamplingParams (the engine seeds sequence ``i`` of ``n`` with
+        ``seed + i``, so choice 0 is what the same request with ``n=1`` returns)."""
         return SamplingParams(
-            n=1,
+            n=self.n,
+            best_of=self.best_of,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
             min_p=0.0 if self.min_p is None else self.min_p,
-            seed=seed,
+            seed=self.seed,
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
             stop=self.stop,

@@ -31,52 +31,36 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
-@triton.jit
-def _mma(a, b, acc, DOT_FP32: tl.constexpr):
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
+
+# (Helpers are written inline rather than as nested @triton.jit functions: the interpreter
+# re-patches triton.language on every nested call, which made CI runs several times slower.)
 
 
 @triton.jit
 def write_kv_kernel(
-    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_tokens,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch,  # shared by the K and V halves of the cache
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    KVH_PAD: tl.constexpr,
+    KVH_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:  # a negative slot marks a padding token (nothing to write)
-        h = tl.arange(0, KVH_PAD)
-        d = tl.arange(0, HEAD_DIM)
-        mask = (h < NUM_KV_HEADS)[:, None]
-        blk = slot // BLOCK_SIZE
-        off = slot % BLOCK_SIZE
-        dst = blk * stride_cb + off * stride_cs + h[:, None] * stride_ch + d[None, :]
-        t64 = t.to(tl.int64)
-        k = tl.load(key_ptr + t64 * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
-        v = tl.load(value_ptr + t64 * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-        tl.store(k_cache_ptr + dst, k, mask=mask)
-        tl.store(v_cache_ptr + dst, v, mask=mask)
-
-
-@triton.jit
-def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, valid, kv_head,
-                  stride_cb, stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
-    """K transposed [HEAD_DIM, N] and V [N, HEAD_DIM] at token positions ``pos`` [N]."""
-    d = tl.arange(0, HEAD_DIM)
-    blk = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    base = blk * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-    kt = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=valid[None, :], other=0.0)
-    v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-    return kt, v
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.arange(0, KVH_PAD * HEAD_DIM)  # (kv head, dim) flattened
+    h = c // HEAD_DIM
+    d = c % HEAD_DIM
+    slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1).to(tl.int64)
+    # A negative slot marks a padding token: nothing to write.
+    mask = (slot >= 0)[:, None] & (h < NUM_KV_HEADS)[None, :]
+    t64 = t.to(tl.int64)[:, None]
+    k = tl.load(key_ptr + t64 * stride_kt + (h * stride_kh + d)[None, :], mask=mask)
+    v = tl.load(value_ptr + t64 * stride_vt + (h * stride_vh + d)[None, :], mask=mask)
+    dst = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs)[:, None] \
+        + (h * stride_ch + d)[None, :]
+    tl.store(k_cache_ptr + dst, k, mask=mask)
+    tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
 @triton.jit
@@ -86,10 +70,11 @@ def decode_kernel(
     scale, partition_size,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
-    NUM_SPLITS: tl.constexpr,  # partitions per sequence (grid axis 2); 1: write final output
+    ONE_SPLIT: tl.constexpr,  # one partition per sequence (grid axis 2): write final output
     DENSE: tl.constexpr,  # decode i is batch row i (no seq_ids map)
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     i = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -109,8 +94,12 @@ def decode_kernel(
     row_ok = g < GROUP
     q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    q = (q.to(tl.float32) * (scale * LOG2E)).to(k_cache_ptr.dtype.element_ty)
+    q = q.to(k_cache_ptr.dtype.element_ty)  # as the reference does
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    qk_scale = scale * LOG2E  # applied to float32 scores, not to q: no extra rounding
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_off = kv_head * stride_ch
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -118,26 +107,32 @@ def decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
-        kt, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, pos, valid, kv_head,
-                              stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HEAD_DIM)
-        s = _mma(q, kt, tl.zeros([GROUP_PAD, BLOCK_N], tl.float32), DOT_FP32)
+        blk = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        base = blk * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
+        kt = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=valid[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: pos n0 is always valid
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: position n0 is always valid
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = _mma(p.to(v_cache_ptr.dtype.element_ty), v, acc * alpha[:, None], DOT_FP32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if ONE_SPLIT:
         o = acc / l_i[:, None]
         tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
         # An empty partition (past this sequence's end) leaves m = -inf, l = 0, out = 0.
         o = acc / tl.maximum(l_i, 1e-30)[:, None]
-        # part_* are [num_decodes, num_heads, NUM_SPLITS(, HEAD_DIM)], contiguous.
-        row = (i.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+        # part_* are [num_decodes, num_heads, num_splits(, HEAD_DIM)], contiguous.
+        num_splits = tl.num_programs(2)
+        row = (i.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
         tl.store(part_m_ptr + row, m_i, mask=row_ok)
         tl.store(part_l_ptr + row, l_i, mask=row_ok)
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=row_ok[:, None])
@@ -146,9 +141,8 @@ def decode_kernel(
 @triton.jit
 def decode_reduce_kernel(
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, query_start_ptr, seq_ids_ptr,
-    stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, DENSE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    num_splits, stride_ot, stride_oh,
+    SPLITS_PAD: tl.constexpr, DENSE: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     i = tl.program_id(0)
     head = tl.program_id(1)
@@ -159,8 +153,8 @@ def decode_reduce_kernel(
     tok = tl.load(query_start_ptr + seq).to(tl.int64)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
-    ok = s < NUM_SPLITS
-    row = (i.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + s
+    ok = s < num_splits
+    row = (i.to(tl.int64) * tl.num_programs(1) + head) * num_splits + s
     m = tl.load(part_m_ptr + row, mask=ok, other=float("-inf"))
     l = tl.load(part_l_ptr + row, mask=ok, other=0.0)
     m_max = tl.max(m, axis=0)  # finite: partition 0 always holds position 0
@@ -179,7 +173,7 @@ def prefill_kernel(
     stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -198,42 +192,61 @@ def prefill_kernel(
     tok = (q_begin + t).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    q = (q.to(tl.float32) * (scale * LOG2E)).to(k_cache_ptr.dtype.element_ty)
+    q = q.to(k_cache_ptr.dtype.element_ty)  # as the reference does
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    qk_scale = scale * LOG2E  # applied to float32 scores, not to q: no extra rounding
     q_pos = context + t  # every row, padded ones too, has q_pos >= 0: no row is all -inf
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_off = kv_head * stride_ch
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Keys before the tile's first query position are visible to every row: no mask.
+    # Keys before the tile's first query position are visible to every row and exist: the
+    # first loop needs no masks.  The second covers the diagonal (and the sequence's end).
     first_q_pos = context + q0
     full_end = (first_q_pos // BLOCK_N) * BLOCK_N
     kv_end = tl.minimum(first_q_pos + BLOCK_Q, seq_len)
     for n0 in range(0, full_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
-        kt, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, pos, pos < seq_len, kv_head,
-                              stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HEAD_DIM)
-        s = _mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
+        blk = tl.load(table_row + pos // BLOCK_SIZE).to(tl.int64)
+        base = blk * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
+        kt = tl.load(k_cache_ptr + base[None, :] + d[:, None])
+        v = tl.load(v_cache_ptr + base[:, None] + d[None, :])
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = _mma(p.to(v_cache_ptr.dtype.element_ty), v, acc * alpha[:, None], DOT_FP32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     for n0 in range(full_end, kv_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
-        kt, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, pos, pos < kv_end, kv_head,
-                              stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HEAD_DIM)
-        s = _mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
-        visible = (pos[None, :] <= q_pos[:, None]) & (pos < kv_end)[None, :]
-        s = tl.where(visible, s, float("-inf"))
+        valid = pos < kv_end
+        blk = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        base = blk * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
+        kt = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=valid[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where((pos[None, :] <= q_pos[:, None]) & valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: position 0 is in the first tile
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = _mma(p.to(v_cache_ptr.dtype.element_ty), v, acc * alpha[:, None], DOT_FP32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     o = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# The interpreter wraps kernels in its own class; it needs DOT_FP32 (see the module docstring).
+INTERPRETED = type(write_kv_kernel).__name__ == "InterpretedFunction"

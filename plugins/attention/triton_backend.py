@@ -1,0 +1,266 @@
+"""The ``triton`` attention backend: paged attention in Triton kernels, for CUDA GPUs.
+
+It keeps the reference cache layout ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
+(``block_dim`` 1), so swapping and copying blocks work as for ``torch``.  One ``forward``:
+
+1. ``write_kv_kernel`` puts the new K/V at ``slot_mapping``;
+2. decode rows (one query token) go to the flash-decoding kernel, split over the context
+   length so that small batches of long sequences still fill the GPU, then (if split) a
+   reduce kernel combines the partitions;
+3. every other row (prompts, prompt chunks, prefix-cache hits, several tokens at a time) goes
+   to the causal flash-attention prefill kernel.
+
+Mixed batches need no device-to-host sync: the launch plan (which rows decode, which query
+tiles exist, how far to split) comes from ``metadata``'s host lists, is built once per step
+(all layers share the metadata object) and reaches the device in one asynchronous copy, or
+none when the decode rows are a prefix of the batch and nothing else runs.
+
+Triton is imported lazily: without it (or on a CPU) the module still imports and
+``supports`` says no.  With ``TRITON_INTERPRET=1`` set before Triton is first imported, the
+kernels run in Triton's interpreter on CPU tensors, slowly; that is how CI tests them.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from pagedllm import hookimpl
+from pagedllm.attention import AttentionBackend, AttentionMetadata
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PLAN_ATTR = "_triton_attention_plans"  # per-step launch plans, cached on the metadata
+
+
+def interpreting() -> bool:
+    """Whether Triton will run kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _kernels() -> ModuleType | None:
+    """The kernels module, or None when Triton is missing or fails to import."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        from pagedllm.plugins.attention import triton_kernels
+    except Exception:  # a broken Triton install must not break the registry
+        return None
+    return triton_kernels
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class _Plan:
+    """Where each row of one step goes; built from the metadata's host lists."""
+
+    num_decodes: int
+    decode_ids: torch.Tensor | None  # [num_decodes] batch rows; None: rows 0..num_decodes-1
+    max_decode_len: int
+    num_tiles: int
+    tile_seq: torch.Tensor | None  # [num_tiles] batch row of each prefill query tile
+    tile_start: torch.Tensor | None  # [num_tiles] its first query token within the row
+
+
+def _build_plan(md: AttentionMetadata, block_q: int, device: torch.device) -> _Plan:
+    qlens, lens = md.query_lens_host, md.seq_lens_host
+    decodes = [i for i, n in enumerate(qlens) if n == 1]
+    tile_seq, tile_start = [], []
+    for i, n in enumerate(qlens):
+        if n != 1:
+            for s in range(0, n, block_q):
+                tile_seq.append(i)
+                tile_start.append(s)
+    dense = decodes == list(range(len(decodes)))
+    host = (([] if dense else decodes) + tile_seq + tile_start)
+    ids = None
+    if host:
+        ids = torch.tensor(host, dtype=torch.int32)
+        if device.type == "cuda":  # pinned + non_blocking: no wait for the device
+            ids = ids.pin_memory().to(device, non_blocking=True)
+        else:
+            ids = ids.to(device)
+    nd, nt = len(decodes), len(tile_seq)
+    off = 0 if dense else nd
+    return _Plan(
+        num_decodes=nd,
+        decode_ids=None if dense else ids[:nd],
+        max_decode_len=max((lens[i] for i in decodes), default=0),
+        num_tiles=nt,
+        tile_seq=ids[off : off + nt] if nt else None,
+        tile_start=ids[off + nt : off + 2 * nt] if nt else None,
+    )
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+    priority = 10  # beats "torch" (0) under attention_backend="auto" wherever it runs
+    block_dim = 1
+
+    # Decode splitting: aim for about this many programs per SM, never splitting a sequence
+    # into partitions shorter than ``decode_min_partition`` tokens.  Instance attributes,
+    # so a test or a benchmark can force a split.
+    decode_programs_per_sm = 4
+    decode_min_partition = 256
+    decode_max_splits = 128
+
+    @classmethod
+    def supports(cls, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+        device = torch.device(device)
+        if dtype not in _DTYPES or not (16 <= head_dim <= 256) or head_dim & (head_dim - 1):
+            return False
+        if device.type == "cuda":
+            if not interpreting():
+                if not torch.cuda.is_available():
+                    return False
+                major, _ = torch.cuda.get_device_capability(device)
+                if major < 8 and dtype == torch.bfloat16:  # bf16 tensor cores: Ampere on
+                    return False
+        elif not (device.type == "cpu" and interpreting()):
+            return False
+        return _kernels() is not None
+
+    @staticmethod
+    def kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim):
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__(num_heads, num_kv_heads, head_dim, scale)
+        if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+            raise ValueError(f"head_dim: {head_dim} is not a power of two in [16, 256], "
+                             f"which the triton backend needs")
+        self.group = num_heads // num_kv_heads
+        self._k: ModuleType | None = None
+        self._num_sms: int | None = None
+
+    # ---- configuration -----------------------------------------------------------------
+
+    def _prefill_config(self, dtype: torch.dtype) -> tuple[int, int, int, int]:
+        """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages) for the prefill kernel."""
+        d, wide = self.head_dim, dtype == torch.float32
+        if d <= 64:
+            block_m, block_n, warps, stages = 128, 64, 4, 3
+        elif d <= 128:
+            block_m, block_n, warps, stages = 128, 64, 8, 2
+        else:
+            block_m, block_n, warps, stages = 64, 32, 8, 2
+        if wide:  # twice the bytes per tile
+            block_m, block_n = max(block_m // 2, 32), max(block_n // 2, 16)
+        return max(block_m, _next_pow2(self.group)), block_n, warps, stages
+
+    def _decode_config(self, dtype: torch.dtype) -> tuple[int, int, int]:
+        """(BLOCK_N keys, num_warps, num_stages) for the decode kernel."""
+        if self.head_dim <= 128 and dtype != torch.float32:
+            return 64, 4, 3
+        return 32, 4, 2
+
+    def _splits(self, num_decodes: int, max_len: int, block_n: int, device) -> tuple[int, int]:
+        """(partitions per sequence, tokens per partition) for one decode launch."""
+        if self._num_sms is None:
+            self._num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                             if device.type == "cuda" else 4)
+        programs = num_decodes * self.num_kv_heads
+        want = _cdiv(self.decode_programs_per_sm * self._num_sms, programs)
+        splits = max(1, min(want, _cdiv(max_len, self.decode_min_partition),
+                            self.decode_max_splits))
+        part = _cdiv(_cdiv(max_len, splits), block_n) * block_n
+        return _cdiv(max_len, part), part
+
+    # ---- forward -----------------------------------------------------------------------
+
+    def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata):
+        k = self._k
+        if k is None:
+            k = self._k = _kernels()
+            if k is None:
+                raise RuntimeError("the triton attention backend needs the `triton` package")
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        if key_cache.stride(-1) != 1:
+            raise ValueError("kv_cache: head_dim must be the innermost, contiguous axis")
+        block_size = key_cache.shape[1]
+        query, key, value = (t if t.stride(-1) == 1 else t.contiguous()
+                             for t in (query, key, value))
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        num_tokens = query.shape[0]
+        if num_tokens == 0:
+            return out
+        cb, cs, ch = key_cache.stride(0), key_cache.stride(1), key_cache.stride(2)
+        dot_fp32 = k.INTERPRETED or key_cache.dtype == torch.float32
+        dot = dict(DOT_FP32=dot_fp32, DOT_PRECISION="ieee" if dot_fp32 else "tf32")
+
+        # Tokens per program: about 8K elements of (kv head, dim) each.
+        kvh_pad = _next_pow2(self.num_kv_heads)
+        block_t = max(1, 8192 // (kvh_pad * self.head_dim))
+        k.write_kv_kernel[(_cdiv(key.shape[0], block_t),)](
+            key, value, key_cache, value_cache, metadata.slot_mapping, key.shape[0],
+            key.stride(0), key.stride(1), value.stride(0), value.stride(1), cb, cs, ch,
+            NUM_KV_HEADS=self.num_kv_heads, HEAD_DIM=self.head_dim, BLOCK_SIZE=block_size,
+            KVH_PAD=kvh_pad, BLOCK_T=block_t, num_warps=4,
+        )
+
+        block_m, block_n, warps, stages = self._prefill_config(key_cache.dtype)
+        block_q = block_m // self.group
+        plans = metadata.__dict__.setdefault(_PLAN_ATTR, {})
+        plan = plans.get(block_q)
+        if plan is None:
+            plan = plans[block_q] = _build_plan(metadata, block_q, query.device)
+
+        common = (metadata.block_tables, metadata.seq_lens, metadata.query_start_loc)
+        strides = (query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+                   cb, cs, ch, metadata.block_tables.stride(0))
+        if plan.num_decodes:
+            self._decode(k, query, key_cache, value_cache, out, metadata, plan, strides, dot)
+        if plan.num_tiles:
+            k.prefill_kernel[(plan.num_tiles, self.num_kv_heads)](
+                query, key_cache, value_cache, out, *common, plan.tile_seq, plan.tile_start,
+                self.scale, *strides,
+                GROUP=self.group, HEAD_DIM=self.head_dim, BLOCK_SIZE=block_size,
+                BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, **dot,
+                num_warps=warps, num_stages=stages,
+            )
+        return out
+
+    def _decode(self, k, query, key_cache, value_cache, out, md, plan: _Plan, strides, dot):
+        block_n, warps, stages = self._decode_config(key_cache.dtype)
+        nd = plan.num_decodes
+        splits, part = self._splits(nd, plan.max_decode_len, block_n, query.device)
+        dense = plan.decode_ids is None
+        ids = md.seq_lens if dense else plan.decode_ids  # unused when dense
+        if splits > 1:
+            shape = (nd, self.num_heads, splits)
+            part_m = torch.empty(shape, dtype=torch.float32, device=query.device)
+            part_l = torch.empty(shape, dtype=torch.float32, device=query.device)
+            part_o = torch.empty(shape + (self.head_dim,), dtype=torch.float32,
+                                 device=query.device)
+        else:
+            part_m = part_l = part_o = out  # unused
+        k.decode_kernel[(nd, self.num_kv_heads, splits)](
+            query, key_cache, value_cache, out, part_o, part_m, part_l,
+            md.block_tables, md.seq_lens, md.query_start_loc, ids,
+            self.scale, part, *strides,
+            ONE_SPLIT=splits == 1, DENSE=dense, GROUP=self.group,
+            GROUP_PAD=max(16, _next_pow2(self.group)), HEAD_DIM=self.head_dim,
+            BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n, **dot,
+            num_warps=warps, num_stages=stages,
+        )
+        if splits > 1:
+            k.decode_reduce_kernel[(nd, self.num_heads)](
+                out, part_o, part_m, part_l, md.query_start_loc, ids,
+                splits, out.stride(0), out.stride(1),
+                SPLITS_PAD=_next_pow2(splits), DENSE=dense, HEAD_DIM=self.head_dim,
+                num_warps=4,
+            )
+
+
+@hookimpl
+def register_attention_backends():
+    return [TritonAttentionBackend]
