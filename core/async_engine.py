@@ -203,6 +203,7 @@ class AsyncLLMEngine:
         self._stats: dict[str, Any] = dict(engine.stats())
         self.num_steps = 0
         self.num_failed_steps = 0
+        self.num_drain_aborts = 0
 
     @classmethod
     def from_config(cls, config, **kwargs) -> AsyncLLMEngine:
@@ -252,15 +253,13 @@ class AsyncLLMEngine:
     async def drain(self, timeout: float | None = None) -> bool:
         """``begin_drain`` and wait until no request is left; True if none had to be
         aborted."""
+        aborted_before = self.num_drain_aborts
         self.begin_drain(timeout)
-        clean = True
         while self.num_unfinished:
-            if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
-                clean = False
             if not self.is_running:
                 return False
             await asyncio.sleep(0.02)
-        return clean
+        return self.num_drain_aborts == aborted_before
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread; requests still running are aborted.  Blocks until the
@@ -439,6 +438,7 @@ class AsyncLLMEngine:
             return
         if self._live:
             self.log(f"shutdown timeout reached: aborting {len(self._live)} unfinished request(s)")
+            self.num_drain_aborts += len(self._live)
             for request_id in list(self._live):
                 self._abort_now(request_id, "shutdown")
 

@@ -23,7 +23,8 @@ class EngineConfig:
     scheduler: str = "fcfs"
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: size the cache from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 1.0  # KV cache budget (GiB) when num_kv_blocks is not given
+    kv_cache_memory_gb: float = 1.0  # CPU: KV cache budget (GiB) when num_kv_blocks is not given
+    gpu_memory_utilization: float = 0.9  # CUDA: share of the device for weights, activations, KV
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # None: 2048 when chunking, else max(max_model_len, 2048)
     max_model_len: int | None = None  # None: the model's context length
@@ -32,6 +33,15 @@ class EngineConfig:
     preemption_mode: str = "recompute"  # or "swap"
     swap_space: float = 4.0  # GiB of CPU swap space per engine, used when preemption_mode="swap"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb: must be > 0, got {self.kv_cache_memory_gb}")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space: must be >= 0 GiB, got {self.swap_space}")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

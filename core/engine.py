@@ -86,8 +86,12 @@ class LLMEngine:
                 raise ValueError(
                     f"max_model_len: {config.max_model_len} exceeds the model's context ({model_len})")
             model_len = config.max_model_len
+        chunked = config.enable_chunked_prefill or getattr(sched_entry.cls, "chunked_prefill", False)
+        max_batched = config.max_num_batched_tokens or (2048 if chunked else max(model_len, 2048))
         if config.num_kv_blocks:
             num_blocks = config.num_kv_blocks
+        elif self.device.type == "cuda":
+            num_blocks = self._blocks_for_gpu_memory(max_batched, model_len)
         else:  # the memory budget, but no more than max_num_seqs full-length sequences need
             num_blocks = min(self._blocks_for_memory(config.kv_cache_memory_gb),
                              config.max_num_seqs * -(-model_len // config.block_size))
@@ -110,8 +114,6 @@ class LLMEngine:
             self.log(f"max_model_len lowered from {model_len} to the KV capacity of {capacity} tokens")
             model_len = capacity
         self.max_model_len = model_len
-        chunked = config.enable_chunked_prefill or getattr(sched_entry.cls, "chunked_prefill", False)
-        max_batched = config.max_num_batched_tokens or (2048 if chunked else max(model_len, 2048))
         self.scheduler = sched_entry.cls(
             SchedulerConfig(config.max_num_seqs, max_batched, model_len, chunked,
                             config.preemption_mode),
@@ -139,11 +141,72 @@ class LLMEngine:
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, device=self.device) * 0.02)
 
-    def _blocks_for_memory(self, gigabytes: float) -> int:
+    def _block_bytes(self) -> int:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        per_block = 2 * self.num_layers * self.config.block_size * self.num_kv_heads \
-            * self.head_dim * itemsize
-        return max(1, int(gigabytes * (1 << 30)) // per_block)
+        return 2 * self.num_layers * self.config.block_size * self.num_kv_heads * self.head_dim \
+            * itemsize
+
+    @torch.inference_mode()
+    def _blocks_for_gpu_memory(self, max_batched: int, model_len: int) -> int:
+        """KV blocks that fit in ``gpu_memory_utilization`` of the device after the weights
+        and the peak activations of a profiling run at the largest batch."""
+        from pagedllm.attention import AttentionMetadata
+
+        bs = self.config.block_size
+        lens = []
+        remaining = max_batched
+        while remaining > 0 and len(lens) < self.config.max_num_seqs:
+            lens.append(min(remaining, model_len))
+            remaining -= lens[-1]
+        blocks_per = [-(-n // bs) for n in lens]
+        shape = self.attention_cls.kv_cache_shape(sum(blocks_per), bs, self.num_kv_heads,
+                                                  self.head_dim)
+        temp = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                for _ in range(self.num_layers)]
+        temp_bytes = sum(t.numel() * t.element_size() for t in temp)
+        tables = torch.zeros((len(lens), max(blocks_per)), dtype=torch.int32)
+        first = 0
+        slots = []
+        for i, (n, nb) in enumerate(zip(lens, blocks_per)):
+            tables[i, :nb] = torch.arange(first, first + nb)
+            slots.append(torch.arange(first * bs, first * bs + n))
+            first += nb
+        dev = self.device
+        md = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(dev),
+            query_start_loc=torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32,
+                                         device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=tables.to(dev), max_query_len=max(lens), max_seq_len=max(lens),
+            query_lens_host=list(lens), seq_lens_host=list(lens))
+        total_tokens = sum(lens)
+        ids = torch.zeros(total_tokens, dtype=torch.long, device=dev)
+        pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        hidden = self.model(ids, pos, temp, md)
+        rows = min(self.config.max_num_seqs, total_tokens)
+        logits = self.model.compute_logits(hidden[:rows]).float()
+        torch.softmax(logits, dim=-1)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - temp_bytes
+        del temp, hidden, logits
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        others = total - free - torch.cuda.memory_reserved(dev)  # other processes, CUDA context
+        budget = self.config.gpu_memory_utilization * total - others - peak
+        blocks = int(budget // self._block_bytes())
+        if blocks < 1:
+            raise ValueError(
+                f"gpu_memory_utilization: {self.config.gpu_memory_utilization} of "
+                f"{total / 2**30:.1f} GiB leaves no room for the KV cache after the model "
+                f"({peak / 2**30:.2f} GiB at peak); raise it or lower max_num_batched_tokens")
+        self.log(f"profiling run: {peak / 2**30:.2f} GiB peak for weights and activations at "
+                 f"{total_tokens} tokens; KV cache gets {blocks * self._block_bytes() / 2**30:.2f} GiB")
+        return blocks
+
+    def _blocks_for_memory(self, gigabytes: float) -> int:
+        return max(1, int(gigabytes * (1 << 30)) // self._block_bytes())
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
