@@ -379,7 +379,10 @@ class AsyncLLMEngine:
                     else:
                         self.num_steps += 1
                         self._unexplained_failures = 0
+                        # Publish first: whoever reads an output sees stats at least as new.
+                        self._publish()
                         self._deliver(outputs)
+                        continue
                 self._publish()
         except BaseException as exc:  # noqa: BLE001 - a bug here must not hang consumers
             self._dead = exc
@@ -431,6 +434,7 @@ class AsyncLLMEngine:
             self._forget(request_id)
             progress.stream.finished = True
             return
+        self._publish()  # the blocks are free: say so before the consumer hears of it
         self._send(progress, out, time.monotonic())
 
     def _check_drain_deadline(self) -> None:

@@ -208,6 +208,9 @@ class TritonAttentionBackend(AttentionBackend):
         )
 
         block_m, block_n, warps, stages = self._prefill_config(key_cache.dtype)
+        if k.INTERPRETED:  # the interpreter's cost grows with tile size: fit it to the batch
+            block_m = min(block_m, max(16, _next_pow2(metadata.max_query_len * self.group)))
+            block_n = 64
         block_q = block_m // self.group
         plans = metadata.__dict__.setdefault(_PLAN_ATTR, {})
         plan = plans.get(block_q)

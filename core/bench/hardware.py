@@ -1,0 +1,45 @@
+"""The ceilings a figure is set against, measured in the same run: device copy bandwidth
+(bytes read + written per second) and the bf16 matmul rate."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Ceilings:
+    copy_bytes_per_s: float
+    matmul_flop_per_s: float
+    device: str
+
+
+def _time_cuda(fn, iters: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def measure_ceilings() -> Ceilings:
+    if not torch.cuda.is_available():
+        raise RuntimeError("ceilings are measured on a CUDA device; none is available")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_s = _time_cuda(lambda: dst.copy_(src), 20)
+    del src, dst
+    n = 8192
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    mm_s = _time_cuda(lambda: a @ b, 20)
+    return Ceilings(2 * (1 << 30) / copy_s, 2 * n**3 / mm_s, torch.cuda.get_device_name())
+
+
+def model_bytes_and_params(model) -> tuple[int, int]:
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params)

@@ -1,0 +1,106 @@
+"""W2 single-stream latency (BENCHMARKS.md): batch 1, a 128-token prompt, 256 greedy output
+tokens.  Reports time to first token and time per output token (medians over runs).
+
+    pagedllm bench latency --model qwen3-0.6b --load-format dummy [--compare hf]
+
+The floor per output token is the weight bytes over the measured copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="qwen3-0.6b")
+    parser.add_argument("--load-format", default="dummy", choices=["auto", "dummy"])
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--compare", choices=["hf"], default=None)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(args) -> None:
+    from pagedllm import LLM, SamplingParams
+
+    llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,
+              attention_backend=args.attention_backend, max_num_seqs=8)
+    engine = llm.engine
+    prompt = [(7 * i + 3) % engine.vocab_size for i in range(args.input_len)]
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=4), use_tqdm=False)
+    ttfts, tpots = [], []
+    for _ in range(args.runs):
+        engine.add_request("w2", {"prompt_token_ids": prompt}, params)
+        _sync(engine.device)
+        start = time.perf_counter()
+        times = []
+        while engine.has_unfinished_requests():
+            if engine.step():
+                _sync(engine.device)
+                times.append(time.perf_counter())
+        ttfts.append(times[0] - start)
+        tpots.append((times[-1] - times[0]) / (len(times) - 1))
+    rows = [("pagedllm", statistics.median(ttfts), statistics.median(tpots))]
+    if args.compare == "hf":
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_config(engine.hf_config, dtype=engine.dtype,
+                                              attn_implementation="sdpa").to(engine.device).eval()
+        hf.load_state_dict(engine.model.state_dict(), strict=False)
+        if getattr(engine.hf_config, "tie_word_embeddings", False):
+            hf.tie_weights()
+        ids = torch.tensor([prompt], device=engine.device)
+        hf_ttft, hf_tpot = [], []
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            for _ in range(args.runs):
+                _sync(engine.device)
+                t0 = time.perf_counter()
+                hf.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+                _sync(engine.device)
+                t1 = time.perf_counter()
+                hf.generate(ids, max_new_tokens=args.output_len, min_new_tokens=args.output_len,
+                            do_sample=False, pad_token_id=0)
+                _sync(engine.device)
+                t2 = time.perf_counter()
+                hf_ttft.append(t1 - t0)
+                hf_tpot.append((t2 - t1 - (t1 - t0)) / (args.output_len - 1))
+        rows.append(("HF transformers generate", statistics.median(hf_ttft),
+                     statistics.median(hf_tpot)))
+    print(f"\nW2 latency: prompt {args.input_len}, output {args.output_len}, batch 1, model "
+          f"{args.model}, dtype {str(engine.dtype)[6:]}, attention {engine.attention_cls.name}, "
+          f"device {engine.device}")
+    floor = None
+    if engine.device.type == "cuda":
+        from pagedllm.bench.hardware import measure_ceilings, model_bytes_and_params
+
+        ceil = measure_ceilings()
+        weight_bytes, _ = model_bytes_and_params(engine.model)
+        floor = weight_bytes / ceil.copy_bytes_per_s
+        print(f"floor per output token: {weight_bytes / 1e9:.2f} GB of weights at "
+              f"{ceil.copy_bytes_per_s / 1e12:.2f} TB/s = {floor * 1e3:.3f} ms")
+    print(f"{'engine':<26}{'TTFT ms':>10}{'TPOT ms':>10}{'TPOT/floor':>12}")
+    for name, ttft, tpot in rows:
+        ratio = f"{tpot / floor:.2f}x" if floor else "-"
+        print(f"{name:<26}{ttft * 1e3:>10.2f}{tpot * 1e3:>10.3f}{ratio:>12}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_args(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""W1 offline throughput (BENCHMARKS.md): 256 requests of random token ids, W1's lengths,
+EOS ignored; output tokens per wall second from first submit to last finish, prefill included.
+
+    pagedllm bench throughput --model qwen3-0.6b --load-format dummy [--compare hf]
+    python -m pagedllm.bench.throughput ...
+
+``--compare hf`` runs HF transformers ``generate`` on the same weights (static batches of 64,
+left padding, sdpa) over the first ``--hf-num-requests`` requests in the same process.  The
+floor: every decode step reads every weight once and every generated token reads its whole
+cached context once, at the measured copy bandwidth; prefill costs 2 x params FLOP per
+prompt token at the measured matmul rate.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from pagedllm.bench.workloads import w1_requests
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="qwen3-0.6b", help="preset, config.json dir or checkpoint")
+    parser.add_argument("--load-format", default="dummy", choices=["auto", "dummy"])
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--compare", choices=["hf"], default=None)
+    parser.add_argument("--hf-num-requests", type=int, default=64)
+    parser.add_argument("--hf-batch-size", type=int, default=64)
+
+
+def kv_bytes_per_token(engine) -> int:
+    return engine._block_bytes() // engine.config.block_size
+
+
+def floor_seconds(engine, reqs, ceilings) -> float:
+    from pagedllm.bench.hardware import model_bytes_and_params
+
+    weight_bytes, n_params = model_bytes_and_params(engine.model)
+    per_tok = kv_bytes_per_token(engine)
+    steps = max(m for _, m in reqs)
+    kv_reads = sum(per_tok * sum(len(p) + i for i in range(m)) for p, m in reqs)
+    prefill_flop = 2 * n_params * sum(len(p) for p, _ in reqs)
+    return (steps * weight_bytes + kv_reads) / ceilings.copy_bytes_per_s + \
+        prefill_flop / ceilings.matmul_flop_per_s
+
+
+def hf_generate_tok_s(engine, reqs, batch_size: int) -> tuple[float, int]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(engine.hf_config, dtype=engine.dtype,
+                                          attn_implementation="sdpa").to(engine.device).eval()
+    hf.load_state_dict(engine.model.state_dict(), strict=False)
+    if getattr(engine.hf_config, "tie_word_embeddings", False):
+        hf.tie_weights()
+    n_out, start = 0, time.perf_counter()
+    for i in range(0, len(reqs), batch_size):
+        chunk = reqs[i : i + batch_size]
+        width = max(len(p) for p, _ in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (p, _) in enumerate(chunk):  # left padding
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        new = max(m for _, m in chunk)
+        with torch.no_grad():
+            hf.generate(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device),
+                        max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        n_out += sum(m for _, m in chunk)  # tokens asked for; HF computes `new` for every row
+    torch.cuda.synchronize() if engine.device.type == "cuda" else None
+    elapsed = time.perf_counter() - start
+    del hf
+    return n_out / elapsed, n_out
+
+
+def run(args) -> None:
+    from pagedllm import LLM, SamplingParams
+
+    reqs = w1_requests(args.num_requests)
+    llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,
+              attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = llm.engine
+    vocab = engine.vocab_size
+    reqs = [([t % vocab for t in p], m) for p, m in reqs]
+    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in reqs]
+    llm.generate(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    ours = n_out / elapsed
+    rows = [("pagedllm", ours, f"{n_out} tokens in {elapsed:.1f}s, "
+                               f"{llm.stats()['num_preemptions']} preemptions")]
+    if args.compare == "hf":
+        hf_reqs = reqs[: args.hf_num_requests]
+        hf_tps, hf_n = hf_generate_tok_s(engine, hf_reqs, args.hf_batch_size)
+        rows.append(("HF transformers generate", hf_tps,
+                     f"{hf_n} tokens, first {len(hf_reqs)} requests, batches of {args.hf_batch_size}"))
+    print(f"\nW1 throughput: {args.num_requests} requests, model {args.model} "
+          f"({args.load_format}), dtype {str(engine.dtype)[6:]}, attention "
+          f"{engine.attention_cls.name}, device {engine.device}")
+    if engine.device.type == "cuda":
+        from pagedllm.bench.hardware import measure_ceilings
+
+        ceil = measure_ceilings()
+        floor = floor_seconds(engine, reqs, ceil)
+        print(f"ceilings: copy {ceil.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul "
+              f"{ceil.matmul_flop_per_s / 1e12:.0f} TFLOP/s; floor {floor:.2f}s = "
+              f"{n_out / floor:,.0f} output tok/s")
+        rows = [(n, t, d + f"; {t / (n_out / floor):.1%} of the ceiling") for n, t, d in rows]
+    print(f"{'engine':<26}{'out tok/s':>12}  detail")
+    for name, tps, detail in rows:
+        print(f"{name:<26}{tps:>12,.0f}  {detail}")
+    if len(rows) > 1:
+        print(f"ratio pagedllm / HF: {rows[0][1] / rows[1][1]:.1f}x")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_args(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
