@@ -53,6 +53,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="HF checkpoint directory or .gguf file (default: the embedded "
                         "SmolLM2-135M-Instruct, fetched into the cache on first use)")
     g.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory, if not the model's")
+    g.add_argument("--load-format", choices=["auto", "dummy"],
+                   help="dummy: random weights for --model given as a preset shape "
+                        "(qwen3-0.6b, llama-3.1-8b) or a config.json, for benchmarks "
+                        f"(default: {d['load_format']})")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help=f"weight and activation dtype (default: {d['dtype']})")
     g.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default: {d['device']})")
@@ -65,6 +69,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help=f"tokens per KV cache block (default: {d['block_size']})")
     g.add_argument("--num-kv-blocks", type=int, metavar="N",
                    help="KV cache blocks (default: sized from --kv-cache-memory-gb)")
+    g.add_argument("--gpu-memory-utilization", type=float, metavar="F",
+                   help=f"CUDA: share of the device for weights, activations and KV cache "
+                        f"(default: {d['gpu_memory_utilization']})")
     g.add_argument("--kv-cache-memory-gb", type=float, metavar="GB",
                    help=f"KV cache budget (default: {d['kv_cache_memory_gb']})")
     g.add_argument("--max-model-len", type=int, metavar="N",

@@ -508,6 +508,51 @@ def test_client_disconnect_aborts_and_frees_blocks(server, name):
     assert scrape(server)["pagedllm:kv_cache_usage_perc"] == 0
 
 
+# ---- the load generator and the command line ------------------------------------------------
+def test_bench_serve_reports_throughput_and_latency(server):
+    before = scrape(server)["pagedllm:generation_tokens_total"]
+    r = subprocess.run(
+        [sys.executable, "-m", "pagedllm.cli", "bench", "serve", "--base-url", server.url,
+         "--api-key", KEY, "--num-requests", "6", "--prompt-len", "16", "--output-len", "8",
+         "--rate", "50", "inf", "--json"], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["rate"] for row in rows] == [50, "inf"]
+    for row in rows:
+        assert (row["completed"], row["failed"]) == (6, 0), row["errors"]
+        assert 6 * 6 <= row["total_output_tokens"] <= 6 * 10  # 8 +- 25 %, exact with ignore_eos
+        assert row["request_throughput"] > 0 and row["output_throughput"] > 0
+        assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"]
+        assert 0 < row["tpot_p50_ms"] <= row["tpot_p99_ms"]
+    assert rows[0]["total_output_tokens"] == rows[1]["total_output_tokens"]  # one workload
+    after = scrape(server)["pagedllm:generation_tokens_total"]
+    assert after - before == 2 * rows[0]["total_output_tokens"]
+
+
+def test_bench_workload_shapes():
+    import random
+    import statistics
+
+    from pagedllm.bench.serve import arrival_times, make_workload
+
+    w = make_workload(list(range(10, 50)), 400, 1024, 128, 0.25, max_model_len=1200, seed=0)
+    assert all(768 <= len(p) <= 1200 - o for p, o in zip(w.prompts, w.output_lens))
+    assert all(96 <= o <= 160 for o in w.output_lens)
+    times = arrival_times(random.Random(0), 2000, rate=4.0)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert abs(statistics.mean(gaps) - 0.25) < 0.03  # Poisson: exponential gaps of mean 1/R
+    assert arrival_times(random.Random(0), 3, float("inf")) == [0.0, 0.0, 0.0]
+
+
+def test_serve_flags_are_checked_before_loading(capsys):
+    from pagedllm import cli
+
+    assert cli.main(["serve", "--max-waiting", "0"]) == cli.EXIT_USAGE
+    assert "max-waiting: must be >= 1" in capsys.readouterr().err
+    assert cli.main(["serve", "a", "--model", "b"]) == cli.EXIT_USAGE
+    assert "given twice" in capsys.readouterr().err
+
+
 # ---- overload and shutdown ---------------------------------------------------------------------
 def test_overload_is_503_with_retry_after(model_dir, tmp_path):
     srv = ServerProcess(tmp_path, "--model", str(model_dir), *ENGINE_ARGS[:6],

@@ -344,7 +344,9 @@ async def bench(args: argparse.Namespace) -> list[RunSummary]:
                            args.request_timeout)
         summaries.append(s)
         if args.json:
-            print(json.dumps(asdict(s)), flush=True)
+            row = asdict(s)
+            row["rate"] = "inf" if math.isinf(s.rate) else s.rate  # JSON has no Infinity
+            print(json.dumps(row), flush=True)
         else:
             print(format_row(s), flush=True)
         for err in s.errors:

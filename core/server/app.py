@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -53,17 +53,14 @@ class ServerSettings:
     served_model_names: list[str]
     model_path: str | None = None  # what --model said; accepted as a model name too
     api_key: str | None = None
-    max_waiting: int | None = None  # enforced by the engine; here for /v1/models and logs
-    shutdown_timeout: float = 30.0
-    extra_model_names: list[str] = field(default_factory=list)
+    shutdown_timeout: float = 30.0  # SIGTERM: how long running requests may go on
 
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
 
     def accepts(self, name: str) -> bool:
-        return name in self.served_model_names or name == self.model_path \
-            or name in self.extra_model_names
+        return name in self.served_model_names or name == self.model_path
 
 
 class APIError(Exception):
@@ -301,6 +298,9 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings,
     app.state.settings = settings
     app.state.metrics = metrics
     tokenizer = engine.tokenizer
+    # Without a tokenizer there is no text: stream a (textless) chunk per step anyway, so
+    # clients still see tokens arrive (time to first token, inter-token latency).
+    notext = tokenizer is None
 
     def count_error(status: int) -> None:
         if metrics is not None:
@@ -388,7 +388,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings,
                            "invalid_request_error", param=field_name)
         return tokenizer
 
-    def chat_token_ids(body, messages: list[dict], add_generation_prompt: bool,
+    def chat_token_ids(messages: list[dict], add_generation_prompt: bool,
                        continue_final_message: bool = False,
                        template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         tok = require_tokenizer("messages")
@@ -415,7 +415,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings,
                            "invalid_request_error", param="prompt")
         if body.messages is not None:
             conv = P.ChatCompletionRequest(messages=body.messages).conversation()
-            ids = chat_token_ids(body, conv, body.add_generation_prompt)
+            ids = chat_token_ids(conv, body.add_generation_prompt)
         else:
             tok = require_tokenizer("prompt")
             ids = list(tok.encode(body.prompt, add_special_tokens=body.add_special_tokens))
@@ -485,7 +485,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings,
             if body.chat_template is not None:
                 raise InvalidRequestError("chat_template", "per-request chat templates are not "
                                                            "accepted; the model's own is used")
-            ids = chat_token_ids(body, body.conversation(), body.add_generation_prompt,
+            ids = chat_token_ids(body.conversation(), body.add_generation_prompt,
                                  body.continue_final_message, body.chat_template_kwargs)
         except InvalidRequestError as exc:
             raise _bad_request(exc, rename) from None
@@ -616,7 +616,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings,
                     lp, state.text_offset = _completion_logprobs(
                         c.token_ids[first:last], c.logprobs[first:last], body.logprobs,
                         state.text_offset)
-                if not delta and lp is None and not done:
+                if not delta and lp is None and not done and not (notext and last > first):
                     continue
                 state.done = done
                 yield P.CompletionChunk(
@@ -659,7 +659,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings,
                 if body.logprobs and c.logprobs is not None and last > first:
                     lp = P.ChatLogprobs(content=_chat_logprobs(
                         c.token_ids[first:last], c.logprobs[first:last], body.top_logprobs or 0))
-                if not delta and lp is None and not done:
+                if not delta and lp is None and not done and not (notext and last > first):
                     continue
                 state.done = done
                 yield chunk(P.ChatChunkChoice(

@@ -85,7 +85,7 @@ def run_server(engine_kwargs: dict, *, host: str, port: int, served_model_names:
     async_engine = AsyncLLMEngine(engine, max_waiting=max_waiting, observer=metrics, log=_log)
     metrics.attach(async_engine)
     settings = ServerSettings(served_model_names=names, model_path=model, api_key=api_key,
-                              max_waiting=max_waiting, shutdown_timeout=shutdown_timeout)
+                              shutdown_timeout=shutdown_timeout)
     server = build_server(async_engine, settings, metrics, host, port, log_level, access_log)
     _log(f"serving {', '.join(names)} at http://{host}:{port}/v1 (API key "
          f"{'required' if api_key else 'not required'}; max waiting "

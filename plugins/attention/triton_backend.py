@@ -42,9 +42,9 @@ def interpreting() -> bool:
 
 def _kernels() -> ModuleType | None:
     """The kernels module, or None when Triton is missing or fails to import."""
-    if importlib.util.find_spec("triton") is None:
-        return None
     try:
+        if importlib.util.find_spec("triton") is None:
+            return None
         from pagedllm.plugins.attention import triton_kernels
     except Exception:  # a broken Triton install must not break the registry
         return None
@@ -107,8 +107,8 @@ class TritonAttentionBackend(AttentionBackend):
     block_dim = 1
 
     # Decode splitting: aim for about this many programs per SM, never splitting a sequence
-    # into partitions shorter than ``decode_min_partition`` tokens.  Instance attributes,
-    # so a test or a benchmark can force a split.
+    # into partitions shorter than ``decode_min_partition`` tokens.  A test or a benchmark
+    # can set them on an instance to force (or forbid) splitting.
     decode_programs_per_sm = 4
     decode_min_partition = 256
     decode_max_splits = 128

@@ -1,0 +1,367 @@
+"""The ``triton`` attention backend against the ``torch`` reference, kernel by kernel and on a
+whole model.
+
+Triton kernels run on a CUDA GPU, or on the CPU in Triton's interpreter when
+``TRITON_INTERPRET=1`` is set *before Triton is first imported in the process*.  So:
+
+- run with ``TRITON_INTERPRET=1`` already set (or on a GPU), the checks below run in-process;
+- run plainly on a CPU (CI), ``test_interpreted_checks_pass`` starts one subprocess with the
+  variable set, which runs this module's checks and the shared conformance test
+  (``test_attention_conformance.py``) for ``triton`` there, and reports its result.  The
+  variable is never set inside this process, where it would leak into other test modules.
+
+Interpreted shapes are tiny (the interpreter is slow).  The ``gpu``-marked tests run the
+same comparison on real shapes: head_dim 64/128, GQA groups 1-8, block sizes 16/32 and
+contexts to 32k tokens.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedllm.attention import AttentionMetadata
+from pagedllm.plugins.attention.torch_backend import TorchAttentionBackend
+from pagedllm.plugins.attention.triton_backend import TritonAttentionBackend, interpreting
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = interpreting()
+CUDA = torch.cuda.is_available()
+# Where the kernels run in this process, if anywhere.
+DEVICE = torch.device("cpu") if INTERPRET else torch.device("cuda" if CUDA else "cpu")
+RUNS_HERE = HAVE_TRITON and (INTERPRET or CUDA)
+needs_kernels = pytest.mark.skipif(
+    not RUNS_HERE, reason="triton kernels need a CUDA device or TRITON_INTERPRET=1 (see "
+                          "test_interpreted_checks_pass)")
+TESTS = Path(__file__).resolve().parent
+
+# Output against the torch backend on the same inputs (both round to the same dtype).
+TOLERANCE = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=5e-3, rtol=5e-3),
+    torch.bfloat16: dict(atol=4e-2, rtol=4e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The interpreter runs numpy on tiny arrays: threads only add contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- building a step ---------------------------------------------------------------------
+
+def make_step(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_dim: int,
+              block_size: int, dtype: torch.dtype, device: torch.device, seed: int,
+              extra_blocks: int = 3):
+    """One step over a paged cache: ``seqs`` are (cached context, new tokens) in batch order.
+
+    Block tables are shuffled and non-contiguous, every slot holds finite garbage, and each
+    sequence's context K/V is already in its slots.  Returns (q, k, v, kv_cache, metadata).
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rng = random.Random(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
+
+    needed = [-(-(c + n) // block_size) for c, n in seqs]
+    num_blocks = sum(needed) + extra_blocks
+    ids = list(range(num_blocks))
+    rng.shuffle(ids)
+    tables, at = [], 0
+    for n in needed:
+        tables.append(ids[at: at + n])
+        at += n
+    cache = randn(*TorchAttentionBackend.kv_cache_shape(
+        num_blocks, block_size, num_kv_heads, head_dim)) * 3
+    cached, slots = [], []
+    for (context, new), table in zip(seqs, tables):
+        pos = torch.arange(context + new)
+        seq_slots = torch.tensor(table)[pos // block_size] * block_size + pos % block_size
+        cached.append(seq_slots[:context])
+        slots.append(seq_slots[context:])
+    cached = torch.cat(cached).to(device)
+    cache.view(2, -1, num_kv_heads, head_dim)[:, cached] = randn(
+        2, len(cached), num_kv_heads, head_dim)
+    qlens = [n for _, n in seqs]
+    lens = [c + n for c, n in seqs]
+    width = max(len(t) for t in tables)
+    qsl = [0]
+    for n in qlens:
+        qsl.append(qsl[-1] + n)
+    md = AttentionMetadata(
+        slot_mapping=torch.cat(slots).to(device),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                  dtype=torch.int32, device=device),
+        max_query_len=max(qlens), max_seq_len=max(lens),
+        query_lens_host=qlens, seq_lens_host=lens,
+    )
+    t = qsl[-1]
+    q = randn(t, num_heads, head_dim)
+    k = randn(t, num_kv_heads, head_dim)
+    v = randn(t, num_kv_heads, head_dim)
+    return q, k, v, cache, md
+
+
+def check_against_torch(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed,
+                        device=DEVICE, tune=None, reference_fp32=False):
+    """Run the triton and torch backends on the same step; compare outputs and caches."""
+    q, k, v, cache, md = make_step(seqs, num_heads, num_kv_heads, head_dim, block_size,
+                                   dtype, device, seed)
+    scale = random.Random(seed).uniform(0.5, 1.5) * head_dim**-0.5
+    triton_be = TritonAttentionBackend(num_heads, num_kv_heads, head_dim, scale)
+    for name, value in (tune or {}).items():
+        setattr(triton_be, name, value)
+    torch_be = TorchAttentionBackend(num_heads, num_kv_heads, head_dim, scale)
+    ref_dtype = torch.float32 if reference_fp32 else dtype
+    ref_cache = cache.to(ref_dtype, copy=True)
+    expected = torch_be.forward(q.to(ref_dtype), k.to(ref_dtype), v.to(ref_dtype), ref_cache,
+                                md)
+    got_cache = cache.clone()
+    got = triton_be.forward(q, k, v, got_cache, md)
+    assert got.shape == q.shape and got.dtype == dtype and got.device == q.device
+    tolerance = dict(TOLERANCE[dtype])
+    if reference_fp32 and dtype == torch.float32:  # long sums, summed in another order
+        tolerance = dict(atol=1e-4, rtol=1e-4)
+    start = 0
+    for i, (context, n) in enumerate(seqs):
+        torch.testing.assert_close(
+            got[start: start + n].float(), expected[start: start + n].float(),
+            **tolerance,
+            msg=lambda m: f"sequence {i} (context {context}, query_len {n}): {m}")
+        start += n
+    assert torch.equal(got_cache, ref_cache.to(dtype)), "cache differs from the torch backend's"
+    return triton_be, md
+
+
+# A mixed step of every kind, in an order that interleaves them (decodes are not a prefix).
+def mixed_seqs(block_size: int) -> list[tuple[int, int]]:
+    return [
+        (0, 7),  # fresh prefill
+        (13, 1),  # decode
+        (block_size - 1, 1),  # decode that fills its block
+        (2 * block_size, 5),  # chunk after a block-aligned context (a prefix-cache hit)
+        (11, 2 * block_size + 3),  # prompt chunk over cached context, several query tiles
+        (block_size, 1),  # decode that opens a block
+        (0, 1),  # one-token prompt
+        (3 * block_size + 2, 3),  # a few tokens at once (speculative verification)
+    ]
+
+
+# ---- interpreted (or native) checks on tiny shapes ---------------------------------------
+
+@needs_kernels
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("head_dim", [16, 32])
+def test_mixed_batch_matches_torch(head_dim, group, block_size):
+    check_against_torch(mixed_seqs(block_size), 2 * group, 2, head_dim, block_size,
+                        torch.float32, seed=head_dim * 100 + group * 10 + block_size)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_matches_torch(dtype):
+    check_against_torch(mixed_seqs(4), 4, 2, 32, 4, dtype, seed=7)
+
+
+@needs_kernels
+def test_tile_boundaries_and_big_groups():
+    # Queries spanning several query tiles and key tiles; a group of 8 (MQA-like).
+    seqs = [(70, 40), (0, 65), (5, 1), (129, 1)]
+    check_against_torch(seqs, 8, 1, 16, 16, torch.float32, seed=11)
+
+
+@needs_kernels
+@pytest.mark.parametrize("decodes_first", [True, False], ids=["dense", "interleaved"])
+def test_split_decode_matches_torch(decodes_first):
+    # Force flash-decoding splits on short contexts: 32-token partitions, as many as fit.
+    # Lengths differ a lot, so short sequences leave later partitions empty.
+    seqs = [(150, 1), (3, 1), (64, 1), (97, 1)]
+    if decodes_first:
+        seqs.append((20, 6))
+    else:
+        seqs.insert(1, (20, 6))
+    be, md = check_against_torch(
+        seqs, 4, 2, 16, 4, torch.float32, seed=3,
+        tune=dict(decode_min_partition=32, decode_programs_per_sm=10_000))
+    splits, part = be._splits(4, 151, 32, DEVICE)
+    assert splits == 5 and part == 32
+    plan = next(iter(md.__dict__["_triton_attention_plans"].values()))
+    assert (plan.decode_ids is None) == decodes_first  # dense decodes need no index map
+
+
+@needs_kernels
+def test_negative_slots_are_not_written():
+    # A padded batch (as CUDA graphs use) marks its padding tokens with slot -1.
+    q, k, v, cache, md = make_step([(5, 3)], 2, 2, 16, 4, torch.float32, DEVICE, seed=5)
+    md.slot_mapping = torch.cat([md.slot_mapping, md.slot_mapping.new_tensor([-1])])
+    pad = lambda t: torch.cat([t, t[:1] * 100])  # noqa: E731
+    expected = cache.clone()
+    expected.view(2, -1, 2, 16)[0, md.slot_mapping[:3]] = k
+    expected.view(2, -1, 2, 16)[1, md.slot_mapping[:3]] = v
+    TritonAttentionBackend(2, 2, 16, 0.25).forward(pad(q), pad(k), pad(v), cache, md)
+    assert torch.equal(cache, expected)
+
+
+@needs_kernels
+def test_auto_picks_triton():
+    from pagedllm.plugin_manager import select
+
+    entry = select("attention", "auto", head_dim=16, dtype=torch.float32, device=DEVICE)
+    assert entry.name == "triton"
+
+
+@needs_kernels
+def test_whole_model_greedy_tokens_match_torch(tmp_path):
+    from pagedllm import LLM, SamplingParams
+
+    from tiny_models import build_tiny_model, random_prompts
+
+    build_tiny_model("llama", tmp_path)
+    shared = random_prompts([9], seed=1)[0]
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([23, 5, 2], seed=2)]
+    # Two prompts sharing a 9-token prefix: the second hits the prefix cache.
+    prompts += [{"prompt_token_ids": shared + [7, 8]}, {"prompt_token_ids": shared + [9]}]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    results = {}
+    for backend in ("torch", "triton"):
+        # Small token budget: prompts go in chunks, next to other requests' decodes.
+        llm = LLM(model=str(tmp_path), device=str(DEVICE), dtype="float32",
+                  attention_backend=backend, block_size=4, num_kv_blocks=64,
+                  enable_chunked_prefill=True, max_num_batched_tokens=10)
+        assert llm.engine.attention_cls.name == backend
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results[backend] = [o.outputs[0].token_ids for o in outs]
+    assert results["triton"] == results["torch"]
+
+
+# ---- always ------------------------------------------------------------------------------
+
+def test_supports_rejects_what_the_kernels_cannot_do():
+    cpu = torch.device("cpu")
+    for head_dim in (8, 24, 48, 512):
+        assert not TritonAttentionBackend.supports(head_dim, torch.float32, cpu)
+    assert not TritonAttentionBackend.supports(64, torch.float64, cpu)
+    if not INTERPRET:
+        assert not TritonAttentionBackend.supports(64, torch.float32, cpu)
+    with pytest.raises(ValueError, match="head_dim"):
+        TritonAttentionBackend(4, 2, 24, 1.0)
+
+
+def test_registry_loads_without_triton():
+    # Hide triton from imports: the plugin still registers, and supports() says no.
+    script = (
+        "import sys\n"
+        "sys.modules['triton'] = None  # import triton now fails, as if it were missing\n"
+        "import torch\n"
+        "from pagedllm.plugin_manager import get_registry\n"
+        "cls = get_registry().get('attention', 'triton').cls\n"
+        "assert not cls.supports(64, torch.float16, torch.device('cuda'))\n"
+        "assert not cls.supports(64, torch.float32, torch.device('cpu'))\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(INTERPRET, reason="already interpreting: the checks run in this process")
+@pytest.mark.skipif(CUDA, reason="the checks run natively on this machine's GPU")
+def test_interpreted_checks_pass():
+    """CI's path: this module's checks and the conformance test, under the interpreter.
+
+    The conformance grid's head_dim 64 and 128 cases run the same code paths as 16 and 32,
+    only slower when interpreted (the whole grid: about 3 minutes on 2 busy cores); they run
+    natively wherever there is a GPU.
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+           "-k", "triton and not triton-64- and not triton-128-",
+           str(TESTS / "test_triton_backend.py"), str(TESTS / "test_attention_conformance.py")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=TESTS.parent,
+                         timeout=900)
+    tail = (out.stdout + out.stderr)[-6000:]
+    assert out.returncode == 0, tail
+    assert " passed" in out.stdout and "failed" not in out.stdout, tail
+
+
+# ---- GPU: real shapes --------------------------------------------------------------------
+
+GPU_SHAPES = [  # (num_heads, num_kv_heads): GQA groups 1, 2, 3, 4, 8
+    (8, 8), (16, 8), (12, 4), (32, 8), (64, 8),
+]
+
+
+def long_seqs(block_size: int) -> list[tuple[int, int]]:
+    return [
+        (32767, 1),  # decode at 32k
+        (0, 777),  # fresh prefill
+        (4096, 1),
+        (8192, 300),  # prompt chunk over a long context
+        (block_size * 128, 64),  # prefix-cache hit, block aligned
+        (1, 1), (block_size - 1, 1), (1000, 1),
+        (20000, 4),  # speculative-style verification over a long context
+        (15, 1),
+    ]
+
+
+GPU_CASES = (
+    # bf16 (the serving dtype): every shape, both block sizes.
+    [(d, h, bs, torch.bfloat16) for d in (64, 128) for h in GPU_SHAPES for bs in (16, 32)]
+    # fp16 and fp32: fewer shapes (fp32 runs the dots at IEEE precision, other tile sizes).
+    + [(d, h, 16, dt) for dt in (torch.float16, torch.float32) for d in (64, 128)
+       for h in ((32, 8), (12, 4))]
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "head_dim, heads, block_size, dtype", GPU_CASES,
+    ids=[f"d{d}-{h[0]}q{h[1]}kv-bs{bs}-{str(dt)[6:]}" for d, h, bs, dt in GPU_CASES])
+def test_gpu_long_contexts_match_torch(head_dim, heads, block_size, dtype):
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    num_heads, num_kv_heads = heads
+    seed = head_dim + num_heads + block_size
+    check_against_torch(long_seqs(block_size), num_heads, num_kv_heads, head_dim, block_size,
+                        dtype, seed=seed, device=torch.device("cuda"), reference_fp32=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_gpu_split_decode_matches_torch(batch):
+    """Decode-only batches (the W6 shape): small batches split each sequence many ways."""
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    rng = random.Random(batch)
+    seqs = [(rng.choice([1023, 4095, 16383, 32767]) if batch < 64 else rng.randint(1, 8191), 1)
+            for _ in range(batch)]
+    be, _ = check_against_torch(seqs, 32, 8, 128, 16, torch.bfloat16, seed=batch,
+                                device=torch.device("cuda"), reference_fp32=True)
+    if batch == 1:
+        assert be._splits(1, seqs[0][0] + 1, 64, torch.device("cuda"))[0] > 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [256, 32])
+def test_gpu_other_head_dims(head_dim):
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    for dtype in (torch.bfloat16, torch.float32):
+        check_against_torch(long_seqs(16)[:6], 16, 4, head_dim, 16, dtype, seed=head_dim,
+                            device=torch.device("cuda"), reference_fp32=True)
