@@ -160,6 +160,12 @@ class _Abort:
 _WAKE = object()  # a command that only wakes the engine thread
 
 
+def _dispatch(items: list) -> None:
+    """Run on a consumer's event loop: hand a step's outputs to their streams."""
+    for _stream, fn, arg in items:
+        fn(arg)
+
+
 @dataclasses.dataclass
 class _Progress:
     """What the engine thread remembers about a live request between its outputs."""
@@ -190,6 +196,7 @@ class AsyncLLMEngine:
         self._progress: dict[str, _Progress] = {}  # every request not finished yet
         self._num_queued = 0  # sub-requests sent to the engine thread but not yet handed over
         self._live: dict[str, Request] = {}  # engine thread only: requests given to the engine
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # engine thread only
         self._thread: threading.Thread | None = None
         self._stop = False
         self._accepting = True
@@ -364,6 +371,7 @@ class AsyncLLMEngine:
                 if self._stop:
                     break
                 self._check_drain_deadline()
+                self._flush()
                 if not self._accepting and not self._drain_logged:
                     self._drain_logged = True
                     left = "" if self._drain_deadline is None else \
@@ -382,8 +390,10 @@ class AsyncLLMEngine:
                         # Publish first: whoever reads an output sees stats at least as new.
                         self._publish()
                         self._deliver(outputs)
+                        self._flush()
                         continue
                 self._publish()
+                self._flush()
         except BaseException as exc:  # noqa: BLE001 - a bug here must not hang consumers
             self._dead = exc
             self.log(f"engine loop crashed: {exc!r}\n{traceback.format_exc()}")
@@ -472,11 +482,20 @@ class AsyncLLMEngine:
         self._post(progress.stream, progress.stream._put, out)
 
     def _post(self, stream: RequestStream, fn, arg) -> None:
-        try:
-            stream._loop.call_soon_threadsafe(fn, arg)
-        except RuntimeError:  # the consumer's loop is closed: nobody will read this
-            if not stream.finished:
-                self.abort(stream.request_id)
+        """Queue ``fn(arg)`` for the stream's event loop; ``_flush`` hands the queue over."""
+        self._outbox.setdefault(stream._loop, []).append((stream, fn, arg))
+
+    def _flush(self) -> None:
+        """One ``call_soon_threadsafe`` per event loop and step, not one per output: each
+        call wakes the loop through its self-pipe (a system call, under the GIL)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_dispatch, items)
+            except RuntimeError:  # the consumers' loop is closed: nobody will read these
+                for stream, _, _ in items:
+                    if not stream.finished:
+                        self.abort(stream.request_id)
 
     def _forget(self, request_id: str) -> None:
         with self._lock:
@@ -509,6 +528,7 @@ class AsyncLLMEngine:
             self._publish()
         except Exception:  # noqa: BLE001
             pass
+        self._flush()
 
     # ---- recovery from a failed step -------------------------------------------------------
     def _recover(self, exc: BaseException) -> None:

@@ -43,3 +43,15 @@ def measure_ceilings() -> Ceilings:
 def model_bytes_and_params(model) -> tuple[int, int]:
     params = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params)
+
+
+def hf_twin(engine):
+    """An HF transformers model with the engine's exact weights, for side-by-side runs."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(engine.hf_config, dtype=engine.dtype,
+                                          attn_implementation="sdpa").to(engine.device).eval()
+    hf.load_state_dict(engine.model.state_dict(), strict=False)
+    if getattr(engine.hf_config, "tie_word_embeddings", False):
+        hf.tie_weights()
+    return hf

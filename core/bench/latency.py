@@ -53,13 +53,9 @@ def run(args) -> None:
         tpots.append((times[-1] - times[0]) / (len(times) - 1))
     rows = [("pagedllm", statistics.median(ttfts), statistics.median(tpots))]
     if args.compare == "hf":
-        from transformers import AutoModelForCausalLM
+        from pagedllm.bench.hardware import hf_twin
 
-        hf = AutoModelForCausalLM.from_config(engine.hf_config, dtype=engine.dtype,
-                                              attn_implementation="sdpa").to(engine.device).eval()
-        hf.load_state_dict(engine.model.state_dict(), strict=False)
-        if getattr(engine.hf_config, "tie_word_embeddings", False):
-            hf.tie_weights()
+        hf = hf_twin(engine)
         ids = torch.tensor([prompt], device=engine.device)
         hf_ttft, hf_tpot = [], []
         with torch.no_grad():

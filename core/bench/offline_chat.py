@@ -25,14 +25,9 @@ def prompts(n: int) -> list[list[dict]]:
 
 
 def hf_peer(llm, convs, max_tokens: int) -> tuple[float, list[list[int]]]:
-    from transformers import AutoModelForCausalLM
+    from pagedllm.bench.hardware import hf_twin
 
-    engine = llm.engine
-    hf = AutoModelForCausalLM.from_config(engine.hf_config, dtype=torch.float32).eval()
-    state = {k: v for k, v in engine.model.state_dict().items()}
-    hf.load_state_dict(state, strict=False)
-    if engine.hf_config.tie_word_embeddings:
-        hf.tie_weights()
+    hf = hf_twin(llm.engine)
     tok = llm.get_tokenizer()
     tok.padding_side = "left"
     texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]

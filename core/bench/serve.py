@@ -4,9 +4,11 @@
 
 For each rate it sends ``--num-requests`` streaming ``/v1/completions`` requests with Poisson
 arrivals (``inf``: all at once): prompts of random token ids (drawn from what the server's
-``/tokenize`` makes of a short English text, so every id is a real token), lengths uniform
-in ``prompt-len * (1 ± range-ratio)`` and ``output-len * (1 ± range-ratio)``, greedy, with
-``ignore_eos`` so output lengths are exact.  It prints request throughput, output tokens per
+``/tokenize`` makes of a short English text, so every id is a real token; ids 100..999 when
+the server has no tokenizer), lengths uniform in ``prompt-len * (1 ± range-ratio)`` and
+``output-len * (1 ± range-ratio)``, greedy, with ``ignore_eos`` so output lengths are exact.
+Every rate gets the same lengths but its own token ids, so no rate finds the previous one's
+prompts in the prefix cache.  It prints request throughput, output tokens per
 second, time to first token and time per output token (after the first) at p50 and p99.
 
 The client is a small HTTP/1.1 client on asyncio streams (standard library only), so the
@@ -153,6 +155,14 @@ def make_workload(token_pool: list[int], num_requests: int, prompt_len: int, out
         p_lens = [max(1, min(p, max_model_len - o)) for p, o in zip(p_lens, o_lens)]
     prompts = [[rng.choice(token_pool) for _ in range(n)] for n in p_lens]
     return Workload(prompts, o_lens)
+
+
+def fresh_tokens(workload: Workload, token_pool: list[int], seed: int) -> Workload:
+    """The same lengths with new token ids: each rate gets prompts of its own, so the
+    server's prefix cache cannot serve one rate's prompts from the run before."""
+    rng = random.Random(seed)
+    return Workload([[rng.choice(token_pool) for _ in p] for p in workload.prompts],
+                    workload.output_lens)
 
 
 def arrival_times(rng: random.Random, n: int, rate: float) -> list[float]:
@@ -339,8 +349,9 @@ async def bench(args: argparse.Namespace) -> list[RunSummary]:
     summaries = []
     if not args.json:
         print(HEADER + "   (times in ms)")
-    for rate in args.rate:
-        s = await run_rate(ep, model, workload, rate, args.seed, args.max_concurrency,
+    for k, rate in enumerate(args.rate):
+        run_workload = workload if k == 0 else fresh_tokens(workload, pool, args.seed * 1000 + k)
+        s = await run_rate(ep, model, run_workload, rate, args.seed, args.max_concurrency,
                            args.request_timeout)
         summaries.append(s)
         if args.json:

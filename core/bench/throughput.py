@@ -50,13 +50,9 @@ def floor_seconds(engine, reqs, ceilings) -> float:
 
 
 def hf_generate_tok_s(engine, reqs, batch_size: int) -> tuple[float, int]:
-    from transformers import AutoModelForCausalLM
+    from pagedllm.bench.hardware import hf_twin
 
-    hf = AutoModelForCausalLM.from_config(engine.hf_config, dtype=engine.dtype,
-                                          attn_implementation="sdpa").to(engine.device).eval()
-    hf.load_state_dict(engine.model.state_dict(), strict=False)
-    if getattr(engine.hf_config, "tie_word_embeddings", False):
-        hf.tie_weights()
+    hf = hf_twin(engine)
     n_out, start = 0, time.perf_counter()
     for i in range(0, len(reqs), batch_size):
         chunk = reqs[i : i + batch_size]
