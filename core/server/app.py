@@ -438,7 +438,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings,
               logprobs: int | None, rename: Mapping[str, str]) -> list[RequestStream]:
         try:
             params = body.sampling_params(max_tokens, logprobs)
-            return engine.add_requests([(f"{request_id}-{i}", prompt, params)
+            return engine.add_requests([(f"{request_id}-{i}", prompt, params, body.priority)
                                         for i, prompt in enumerate(prompts)])
         except InvalidRequestError as exc:
             err = _bad_request(exc, rename)

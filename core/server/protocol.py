@@ -56,6 +56,7 @@ class SamplingRequest(OpenAIBaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    priority: int = 0  # for the `priority` scheduler: lower values first
 
     def check_common(self) -> None:
         """What SamplingParams cannot check: fan-out size, unsupported OpenAI fields."""
