@@ -3,6 +3,7 @@ steps, against the device's own copy bandwidth measured in the same run.
 
     python -m pagedllm.bench.kernels [--batch 1,4,16,64,256] [--context 1024,4096,16384,32768]
                                      [--backends triton,torch] [--reps 20] [--json PATH]
+                                     [--no-graphs]
 
 Shapes (shared/BENCHMARKS.md, W6): 32 query heads, 8 KV heads, head_dim 128, block size 16,
 bf16; every sequence in a batch decodes one token at ``context`` tokens.  Block tables are
@@ -11,7 +12,10 @@ shuffled over the whole cache, and the cache holds random data (never zeros).
 A step's floor is its bytes: every cached K/V byte the step reads once, plus the new K/V
 written and q/out.  Achieved bytes/s = those bytes / median step time (CUDA events around one
 ``backend.forward``, L2 flushed before each); the ceiling is a large device-to-device copy
-(bytes read + written) timed the same way.  GPU only: CPU timings of GPU kernels mean nothing.
+(bytes read + written) timed the same way.  The step is timed as a CUDA-graph replay, as the
+engine's decode steps are meant to run, so that small steps show the kernels rather than
+Python's launch overhead; the eager time is printed beside it, and a backend that cannot be
+captured is timed eagerly (marked ``*``).  GPU only: CPU timings of GPU kernels mean nothing.
 """
 from __future__ import annotations
 
@@ -46,12 +50,29 @@ def time_cuda(fn, reps: int, warmup: int = 3, flush_bytes: int = 256 << 20) -> f
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def graphed(fn):
+    """``fn`` captured into a CUDA graph, as its replay; None if it cannot be captured (a
+    backend that syncs or copies from the host inside ``forward``)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # noqa: BLE001 - any capture failure means "time it eagerly"
+        torch.cuda.synchronize()
+        return None
+    return graph.replay
+
+
 def copy_bandwidth(reps: int, nbytes: int = 2 << 30) -> float:
     """Device-to-device copy, bytes read + written per second."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = time_cuda(lambda: dst.copy_(src), reps, flush_bytes=1 << 20)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3)
 
 
@@ -95,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated backend names (default: every installed one)")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--json", default=None, help="also write every figure to this file")
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false",
+                        help="time eager calls only (default: CUDA-graph replays too)")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -123,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}")
     print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
     print(f"W6 decode: {NUM_HEADS} q / {NUM_KV_HEADS} kv heads, head_dim {HEAD_DIM}, "
-          f"block {BLOCK_SIZE}, bf16; figure: us per step, TB/s, % of copy bandwidth")
+          f"block {BLOCK_SIZE}, bf16; figure: us per step (CUDA-graph replay; * = eager, "
+          f"the backend cannot be captured), TB/s, % of copy bandwidth, eager us")
 
     rows = []
     for batch in args.batch:
@@ -134,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
                     q, k, v, cache, md, nbytes = decode_step(batch, context, cls,
                                                              seed=batch * 100_003 + context)
                     backend = cls(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM**-0.5)
-                    ms = time_cuda(lambda: backend.forward(q, k, v, cache, md), args.reps)
-                    row[cls.name] = {"us": ms * 1e3, "bytes": nbytes,
+                    step = lambda: backend.forward(q, k, v, cache, md)  # noqa: E731
+                    eager = time_cuda(step, args.reps)
+                    replay = graphed(step) if args.graphs else None
+                    ms = time_cuda(replay, args.reps) if replay is not None else eager
+                    row[cls.name] = {"us": ms * 1e3, "eager_us": eager * 1e3,
+                                     "graph": replay is not None, "bytes": nbytes,
                                      "tbps": nbytes / (ms * 1e-3) / 1e12,
                                      "of_copy": nbytes / (ms * 1e-3) / bw}
                 except torch.cuda.OutOfMemoryError:
@@ -148,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             for cls in backends:
                 r = row[cls.name]
                 cells.append(f"{cls.name:>7}: " + ("OOM" if r is None else
-                             f"{r['us']:9.1f} us {r['tbps']:5.2f} TB/s {100 * r['of_copy']:5.1f}%"))
+                             f"{r['us']:8.1f} us{'' if r['graph'] else '*'} "
+                             f"{r['tbps']:5.2f} TB/s {100 * r['of_copy']:5.1f}% "
+                             f"(eager {r['eager_us']:.0f} us)"))
             print(f"B={batch:<4} ctx={context:<6} " + " | ".join(cells), flush=True)
 
     base = "torch"  # the reference every figure is also set against

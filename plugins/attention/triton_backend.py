@@ -110,7 +110,7 @@ class TritonAttentionBackend(AttentionBackend):
     # into partitions shorter than ``decode_min_partition`` tokens.  A test or a benchmark
     # can set them on an instance to force (or forbid) splitting.
     decode_programs_per_sm = 4
-    decode_min_partition = 256
+    decode_min_partition = 128
     decode_max_splits = 128
 
     @classmethod
@@ -158,9 +158,14 @@ class TritonAttentionBackend(AttentionBackend):
         return max(block_m, _next_pow2(self.group)), block_n, warps, stages
 
     def _decode_config(self, dtype: torch.dtype) -> tuple[int, int, int]:
-        """(BLOCK_N keys, num_warps, num_stages) for the decode kernel."""
+        """(BLOCK_N keys, num_warps, num_stages) for the decode kernel.
+
+        Swept on an H100 over W6 shapes (B 1-64, context 4k-32k, bf16, head_dim 128): 64 keys,
+        4 warps, 2 stages was within 1% of the best per shape on average; 3 stages (96 KB of
+        shared memory, two programs per SM) lost 18% at B=16.
+        """
         if self.head_dim <= 128 and dtype != torch.float32:
-            return 64, 4, 3
+            return 64, 4, 2
         return 32, 4, 2
 
     def _splits(self, num_decodes: int, max_len: int, block_n: int, device) -> tuple[int, int]:
