@@ -45,10 +45,23 @@ def model_bytes_and_params(model) -> tuple[int, int]:
     return sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params)
 
 
+def release_kv_cache(engine) -> None:
+    """Hand the engine's KV cache back to the device so a peer can run in the same process."""
+    import gc
+
+    engine.kv_caches.clear()
+    engine.runner.kv_caches = []
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def hf_twin(engine):
-    """An HF transformers model with the engine's exact weights, for side-by-side runs."""
+    """An HF transformers model with the engine's exact weights, for side-by-side runs.
+    Call it after the engine's own measurement: it frees the engine's KV cache first."""
     from transformers import AutoModelForCausalLM
 
+    release_kv_cache(engine)
     hf = AutoModelForCausalLM.from_config(engine.hf_config, dtype=engine.dtype,
                                           attn_implementation="sdpa").to(engine.device).eval()
     hf.load_state_dict(engine.model.state_dict(), strict=False)

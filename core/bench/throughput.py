@@ -95,6 +95,7 @@ def run(args) -> None:
     ours = n_out / elapsed
     rows = [("pagedllm", ours, f"{n_out} tokens in {elapsed:.1f}s, "
                                f"{llm.stats()['num_preemptions']} preemptions")]
+    print(f"pagedllm: {ours:,.0f} output tok/s ({n_out} tokens in {elapsed:.1f}s)", flush=True)
     if args.compare == "hf":
         hf_reqs = reqs[: args.hf_num_requests]
         hf_tps, hf_n = hf_generate_tok_s(engine, hf_reqs, args.hf_batch_size)
