@@ -60,11 +60,14 @@ def register_schedulers() -> list[type[Scheduler]]:
 
     Called once, when the registry is built.  Each class sets ``name``; the user selects one
     with ``scheduler="<name>"``.  The engine constructs it as
-    ``cls(config: SchedulerConfig, kv_cache: KVCacheManager)`` and then, every step, calls
-    ``schedule() -> SchedulerOutput`` (which requests run how many new tokens, which were
-    preempted) and ``update(output, sampled) -> finished requests``.  The core's
-    ``ContinuousBatchingScheduler`` implements the mechanism; a policy usually only overrides
-    ``order_key(request)`` (who goes first, and who is preempted first: the last).
+    ``cls(config: SchedulerConfig, kv_cache: KVCacheManager)`` and calls ``add_request``,
+    ``abort_request``, ``has_unfinished``, then every step ``schedule() -> SchedulerOutput``
+    (which requests run how many new tokens, which were preempted; block copies and swaps it
+    asked the KV manager for are executed by the engine before the step runs), and
+    ``finish(request, reason)`` when a request stops, which must free its blocks at once.
+    ``add_forked`` adds a sequence forked (copy-on-write) from a running one.
+    The core's ``ContinuousBatchingScheduler`` implements the mechanism; a policy usually only
+    overrides ``order_key(request)`` (who goes first, and who is preempted first: the last).
     A class that sets ``chunked_prefill = True`` always splits prompts: the engine builds its
     ``SchedulerConfig`` with chunked prefill on (and a 2048-token default budget).
     """
@@ -77,9 +80,11 @@ def register_quantization_methods() -> list[type[QuantizationMethod]]:
 
     Called once, when the registry is built.  Each class sets ``name``; it is selected with
     ``quantization="<name>"`` or by the checkpoint's ``quantization_config.quant_method``.
-    The loader calls ``method.quantize_model(model)`` after the weights are loaded, and the
-    method replaces the ``nn.Linear`` layers it handles with its own modules, which must
-    compute the same function as the dequantized layer within the method's stated error.
+    Contract for the loader: it will call ``method.quantize_model(model)`` after the weights
+    are loaded, and the method replaces the ``nn.Linear`` layers it handles with its own
+    modules, which must compute the same function as the dequantized layer within the
+    method's stated error.  (No built-in method yet and the engine does not call this hook
+    yet: GGUF files are dequantized at load.)
     """
 
 
@@ -92,6 +97,7 @@ def register_speculative_drafters() -> list[type[SpeculativeDrafter]]:
     ``speculative_method="<name>"``.  A drafter's ``propose(token_ids, k) -> list[int]``
     proposes up to ``k`` next tokens for one sequence given all its tokens so far; the engine
     verifies the proposals with one target-model step, so a drafter affects speed, never output.
+    (Contract only: no built-in drafter yet and the engine does not call this hook yet.)
     """
 
 

@@ -79,6 +79,10 @@ class Scheduler(ABC):
     def add_request(self, request: Request) -> None: ...
 
     @abstractmethod
+    def add_forked(self, request: Request) -> None:
+        """Add a running sequence forked from another (it already holds shared blocks)."""
+
+    @abstractmethod
     def abort_request(self, request_id: str) -> Request | None:
         """Drop a request wherever it is and free its blocks; return it if it was known."""
 
