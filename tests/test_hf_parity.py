@@ -28,6 +28,8 @@ from tiny_models import (
     hf_logits,
     random_prompts,
 )
+from tiny_models import assert_all_blocks_free as _assert_all_blocks_free
+from tiny_models import output_token_ids as _token_ids
 
 N_TOKENS = 16
 PROMPT_LENGTHS = [3, 40, 17, 8, 29, 12]  # mixed; crosses block boundaries of 4, 8 and 16
@@ -55,16 +57,6 @@ def _llm(tiny, **kwargs):
     kwargs.setdefault("num_kv_blocks", 64)
     kwargs.setdefault("block_size", 8)
     return LLM(model=str(tiny.path), dtype="float32", device="cpu", **kwargs)
-
-
-def _token_ids(outputs):
-    return [list(o.outputs[0].token_ids) for o in outputs]
-
-
-def _assert_all_blocks_free(llm):
-    stats = llm.stats()
-    assert stats["kv_blocks_free"] == stats["kv_blocks_total"], stats
-    assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
 
 
 @pytest.fixture(scope="module", params=list(TINY_MODELS))

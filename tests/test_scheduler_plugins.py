@@ -22,6 +22,8 @@ from pagedllm.plugins.schedulers.priority import PriorityScheduler
 from pagedllm.request import Request, RequestStatus
 from pagedllm.scheduler import SchedulerConfig
 from tiny_models import assert_well_separated, build_tiny_model, hf_greedy, random_prompts
+from tiny_models import assert_all_blocks_free as _assert_all_blocks_free
+from tiny_models import output_token_ids as _token_ids
 
 
 # ---- model-free simulation ----------------------------------------------------------------
@@ -310,16 +312,6 @@ def _llm(tiny, **kwargs):
     kwargs.setdefault("num_kv_blocks", 128)
     kwargs.setdefault("block_size", 4)
     return LLM(model=str(tiny.path), dtype="float32", device="cpu", **kwargs)
-
-
-def _token_ids(outputs):
-    return [list(o.outputs[0].token_ids) for o in outputs]
-
-
-def _assert_all_blocks_free(llm):
-    stats = llm.stats()
-    assert stats["kv_blocks_free"] == stats["kv_blocks_total"], stats
-    assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
 
 
 @pytest.fixture(scope="module")

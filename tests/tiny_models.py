@@ -162,3 +162,15 @@ def assert_well_separated(refs: list[GreedyReference], min_gap: float = 1e-3) ->
         f"seed or prompts so greedy decoding is not decided by rounding"
     )
     assert not math.isnan(worst)
+
+
+def output_token_ids(outputs) -> list[list[int]]:
+    """The first sequence's token ids of each RequestOutput."""
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def assert_all_blocks_free(llm) -> None:
+    """Nothing left running or waiting, and every KV block back in the pool."""
+    stats = llm.stats()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"], stats
+    assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
