@@ -1,5 +1,5 @@
 """The ``pagedllm`` command line, after vLLM's: ``generate``, ``chat``, ``serve``,
-``bench serve`` and ``plugins``.
+``bench serve | throughput | latency | kernels`` and ``plugins``.
 
     pagedllm generate "The capital of France is" --max-tokens 8
     echo "What is the capital of France?" | pagedllm chat --temperature 0
@@ -191,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "request throughput, output tok/s, TTFT and TPOT at p50 and p99.")
     bench_serve.add_arguments(bench_serve_parser)
     bench_serve_parser.set_defaults(handler=cmd_bench_serve)
+    from pagedllm.bench import latency as bench_latency
+    from pagedllm.bench import throughput as bench_throughput
+
+    for name, module, help_text in (
+            ("throughput", bench_throughput, "W1: offline throughput, against HF and the floor"),
+            ("latency", bench_latency, "W2: single-stream TTFT and TPOT, against HF and the floor")):
+        p = bench_sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_args(p)
+        p.set_defaults(handler=lambda a, m=module: m.run(a) or EXIT_OK)
+    kernels = bench_sub.add_parser(
+        "kernels", help="W6: attention backends on paged decode shapes (CUDA only)",
+        description="Arguments after `kernels` go to `python -m pagedllm.bench.kernels`.",
+        add_help=False)
+    kernels.add_argument("kernel_args", nargs=argparse.REMAINDER)
+    kernels.set_defaults(handler=cmd_bench_kernels)
 
     plugins = sub.add_parser("plugins", help="list installed plugins",
                              description="List every plugin class the installed plugins "
@@ -407,6 +422,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     bench_serve.check_arguments(args)
     summaries = asyncio.run(bench_serve.bench(args))
     return EXIT_OK if all(s.completed for s in summaries) else EXIT_FAILURE
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from pagedllm.bench import kernels
+
+    return kernels.main(args.kernel_args) or EXIT_OK
 
 
 # ---- plugins ------------------------------------------------------------------------------

@@ -306,3 +306,20 @@ def test_chat_default_model_knows_the_capital_of_france():
                      timeout=900)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_bench_latency_runs_on_dummy_weights_and_compares_with_hf(tiny_model):
+    result = run_cli("bench", "latency", "--model", str(tiny_model), "--load-format", "dummy",
+                     "--input-len", "8", "--output-len", "4", "--runs", "1", "--compare", "hf")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+    assert "pagedllm" in rows and "HF" in rows
+
+
+def test_bench_kernels_refuses_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    result = run_cli("bench", "kernels")
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr

@@ -110,7 +110,7 @@ def decode_step(batch: int, context: int, cls, seed: int = 0):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=_ints, default=[1, 4, 16, 64, 256])
+    parser.add_argument("--batch", type=_ints, default=[1, 4, 16, 64, 128, 256])
     parser.add_argument("--context", type=_ints, default=[1024, 4096, 16384, 32768])
     parser.add_argument("--backends", default=None,
                         help="comma-separated backend names (default: every installed one)")

@@ -11,7 +11,6 @@ import argparse
 import statistics
 import time
 
-import torch
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -26,11 +25,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _sync(device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def run(args) -> None:
+    import torch
+
     from pagedllm import LLM, SamplingParams
 
     llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 
 from pagedllm.bench.workloads import w1_requests
 
@@ -50,6 +49,8 @@ def floor_seconds(engine, reqs, ceilings) -> float:
 
 
 def hf_generate_tok_s(engine, reqs, batch_size: int) -> tuple[float, int]:
+    import torch
+
     from pagedllm.bench.hardware import hf_twin
 
     hf = hf_twin(engine)
@@ -74,6 +75,8 @@ def hf_generate_tok_s(engine, reqs, batch_size: int) -> tuple[float, int]:
 
 
 def run(args) -> None:
+    import torch
+
     from pagedllm import LLM, SamplingParams
 
     reqs = w1_requests(args.num_requests)
