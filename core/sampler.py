@@ -36,6 +36,13 @@ def _apply_penalties(logits: torch.Tensor, row: int, req: Request) -> None:
         logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+def _adjusts_logits(req: Request) -> bool:
+    """Whether penalties or a min_tokens ban change this row's logits before choosing."""
+    p = req.params
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+            or len(req.output_token_ids) < p.min_tokens)
+
+
 def _filter(logits: torch.Tensor, req: Request) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p on one row; returns probabilities."""
     p = req.params
@@ -67,8 +74,17 @@ class Sampler:
         want_logprobs = any(r.needs_logprob for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = logits.clone()
-        chosen: list[int] = []
+        # Greedy rows with nothing to adjust take one batched argmax; the rest go row by row.
+        # Tokens stay on the device until one copy to the host at the end.
+        chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+        plain = [i for i, r in enumerate(requests) if r.params.greedy and not _adjusts_logits(r)]
+        if plain:
+            rows = torch.tensor(plain, device=logits.device)
+            chosen[rows] = logits.index_select(0, rows).argmax(dim=-1)
+        plain_set = set(plain)
         for row, req in enumerate(requests):
+            if row in plain_set:
+                continue
             p = req.params
             _apply_penalties(logits, row, req)
             if len(req.output_token_ids) < p.min_tokens:
@@ -78,11 +94,12 @@ class Sampler:
                 if banned:
                     logits[row, banned] = float("-inf")
             if p.greedy:
-                chosen.append(int(torch.argmax(logits[row])))
+                chosen[row] = torch.argmax(logits[row])
                 continue
             probs = _filter(logits[row], req)
             gen = req.generator if req.generator is not None else self.generator
-            chosen.append(int(torch.multinomial(probs, 1, generator=gen)))
+            chosen[row] = torch.multinomial(probs, 1, generator=gen)[0]
+        chosen = chosen.tolist()
 
         results = []
         for row, (req, token) in enumerate(zip(requests, chosen)):
