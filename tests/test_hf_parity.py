@@ -35,14 +35,7 @@ N_TOKENS = 16
 PROMPT_LENGTHS = [3, 40, 17, 8, 29, 12]  # mixed; crosses block boundaries of 4, 8 and 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP's spinning
-    # makes them several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _greedy(n=N_TOKENS):

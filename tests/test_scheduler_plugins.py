@@ -296,12 +296,7 @@ N_TOKENS = 16
 PROMPT_LENGTHS = [3, 40, 17, 8, 29, 12, 33, 5]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a busy 2-core machine: threads only hurt
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _greedy():

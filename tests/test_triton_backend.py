@@ -49,13 +49,7 @@ TOLERANCE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The interpreter runs numpy on tiny arrays: threads only add contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- building a step ---------------------------------------------------------------------
