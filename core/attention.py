@@ -19,7 +19,7 @@ class AttentionMetadata:
     ``seq_lens[i]`` tokens (so its first new token is at position ``seq_lens[i] - query_len``).
     """
 
-    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token's K/V
+    slot_mapping: torch.Tensor  # [num_tokens] int32 or int64: each new K/V's slot; < 0: skip
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     seq_lens: torch.Tensor  # [num_seqs] int32: tokens in context after this step
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
@@ -40,6 +40,7 @@ class AttentionBackend(ABC):
     name: str = ""
     priority: int = 0
     block_dim: int = 1  # which axis of the layer's cache tensor indexes blocks
+    cuda_graph_decode: bool = False  # decode-only forwards may be captured (see the hook spec)
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         if num_heads % num_kv_heads:

@@ -84,6 +84,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="split long prompts across steps")
     g.add_argument("--seed", type=int, metavar="N",
                    help=f"engine random seed (default: {d['seed']})")
+    g.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="CUDA: run every step eagerly, no CUDA graphs for decode")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepare step n+1 while the device runs step n (default: on for CUDA)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:

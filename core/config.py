@@ -33,6 +33,10 @@ class EngineConfig:
     preemption_mode: str = "recompute"  # or "swap"
     swap_space: float = 4.0  # GiB of CPU swap space per engine, used when preemption_mode="swap"
     seed: int = 0
+    enforce_eager: bool = False  # CUDA: never replay decode steps from CUDA graphs
+    # Queue step n+1 before reading step n's tokens, so host work overlaps the device.
+    # None: on for CUDA, off on CPU (where the host is the device and nothing overlaps).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -13,13 +13,22 @@ from pagedllm.config import EngineConfig
 from pagedllm.detokenizer import IncrementalDetokenizer
 from pagedllm.kv_cache import KVCacheManager
 from pagedllm.loader import load_checkpoint
-from pagedllm.model_runner import ModelRunner
+from pagedllm.model_runner import PLACEHOLDER, ModelRunner
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.plugin_manager import get_registry, select
 from pagedllm.request import Request, RequestGroup
-from pagedllm.sampler import Sampler
+from pagedllm.sampler import SampledBatch, Sampler
 from pagedllm.sampling_params import InvalidRequestError, SamplingParams
 from pagedllm.scheduler import SchedulerConfig
+
+
+@dataclass
+class _PendingStep:
+    """A step whose tokens were sampled on the device but not yet read by the host."""
+
+    batch: SampledBatch
+    rows: dict[str, int]  # request id -> row of batch.token_ids
+    indices: list[int]  # per row: where its token goes in the request's output_token_ids
 
 
 def _eos_ids(hf_config, tokenizer) -> set[int]:
@@ -119,7 +128,19 @@ class LLMEngine:
                             config.preemption_mode),
             self.kv_manager,
         )
-        self.runner = ModelRunner(self.model, self.kv_caches, self.kv_manager, self.device)
+        graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager and \
+                self.attention_cls.cuda_graph_decode:
+            from pagedllm.cuda_graphs import DecodeGraphs
+
+            graphs = DecodeGraphs(self.model, self.kv_caches, self.device,
+                                  min(config.max_num_seqs, 512), model_len, config.block_size)
+            graphs.capture(self.log)
+        self.runner = ModelRunner(self.model, self.kv_caches, self.kv_manager, self.device,
+                                  model_len, graphs)
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None \
+            else self.device.type == "cuda"
+        self._pending: _PendingStep | None = None
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
         self.eos_token_ids = _eos_ids(self.hf_config, self.tokenizer)
         self.vocab_size = self.hf_config.vocab_size
@@ -129,7 +150,8 @@ class LLMEngine:
             f"model {ckpt.path} ({archs[0]}, {ckpt.format}), dtype {str(self.dtype)[6:]}, "
             f"device {self.device}, attention {attn_entry.name}, scheduler {sched_entry.name}, "
             f"KV cache {num_blocks} blocks x {config.block_size} = {capacity} tokens, "
-            f"max_model_len {model_len}"
+            f"max_model_len {model_len}, CUDA graphs {'on' if graphs else 'off'}, "
+            f"async scheduling {'on' if self.async_scheduling else 'off'}"
         )
 
     @torch.no_grad()
@@ -284,6 +306,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.abort_request(seq.request_id)
                 seq.metrics.finished_time = now
+            _drop_pending(seq)
         return self._output(group)
 
     def release(self, request: Request) -> None:
@@ -313,18 +336,32 @@ class LLMEngine:
         return children
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._pending is not None
 
     # ---- the step -------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Run one step; return the outputs of the requests that got a token (with
+        ``final_only``, of those that finished: an offline caller wants nothing else).
+
+        With async scheduling the step's tokens stay on the device: the next ``step`` queues
+        its own batch first (its inputs take those tokens on the device), then reads them
+        while that batch runs, so outputs come one step late.  Each sampled request holds a
+        ``PLACEHOLDER`` output token meanwhile; one that will stop on length whatever the
+        token is finished at once, so it is never scheduled past its end.
+        """
         sched = self.scheduler.schedule()
         if sched.is_empty():
+            if self._pending is not None:
+                return self._resolve(final_only)
             if self.scheduler.has_unfinished() and not sched.preempted:
                 raise RuntimeError("scheduler made no progress with requests pending")
             return []
         now = time.monotonic()
         self._execute_block_ops()
-        model_input = self.runner.prepare(sched)
+        pending = self._pending
+        model_input = self.runner.prepare(
+            sched, pending.rows if pending else None,
+            pending.batch.token_ids if pending else None)
         logits = self.runner.execute(model_input)
         kv = self.kv_manager
         for item in sched.scheduled:
@@ -332,33 +369,67 @@ class LLMEngine:
             req.num_computed_tokens += item.num_new_tokens
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-            if kv.enable_prefix_caching and \
-                    req.num_computed_tokens // kv.block_size > kv.num_cached_blocks(req.request_id):
-                kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens,
-                                     req.cache_key)
-        if not model_input.sample_requests:
-            return []
+            self._cache_blocks(req)
+        outputs = self._resolve(final_only) if pending is not None else []
         requests, rows = [], []
         for row, req in enumerate(model_input.sample_requests):
+            if req.is_finished:  # it stopped on the token just resolved
+                continue
             requests.append(req)
             rows.append(row)
             if req.group.needs_fork():
                 for child in self._fork(req):
                     requests.append(child)
                     rows.append(row)
-        if len(rows) != logits.shape[0]:
+        if not requests:
+            return outputs
+        if rows != list(range(logits.shape[0])):
             logits = logits[torch.tensor(rows, device=logits.device)]
+        batch = self.sampler.sample(logits, requests)
+        indices = []
+        for req in requests:
+            indices.append(len(req.output_token_ids))
+            req.output_token_ids.append(PLACEHOLDER)
+            req.num_pending += 1
+            if len(req.output_token_ids) >= req.max_tokens or \
+                    req.num_tokens >= self.max_model_len:
+                self.scheduler.finish(req, "length")
+        self._pending = _PendingStep(batch, {r.request_id: i for i, r in enumerate(requests)},
+                                     indices)
+        if not self.async_scheduling:
+            outputs += self._resolve(final_only)
+        return outputs
+
+    def _cache_blocks(self, req: Request) -> None:
+        """Register the request's full blocks for prefix caching, once their tokens are known."""
+        kv = self.kv_manager
+        if not kv.enable_prefix_caching or req.is_finished:
+            return
+        known = min(req.num_computed_tokens, req.num_tokens - req.num_pending)
+        if known // kv.block_size > kv.num_cached_blocks(req.request_id):
+            kv.cache_full_blocks(req.request_id, req.all_token_ids, known, req.cache_key)
+
+    def _resolve(self, final_only: bool = False) -> list[RequestOutput]:
+        """Read the pending step's tokens and apply them: stops, text, outputs."""
+        pending, self._pending = self._pending, None
         decode = self.tokenizer.decode if self.tokenizer is not None else None
-        sampled = self.sampler(logits, requests, decode)
+        sampled = self.sampler.to_host(pending.batch, decode)
         now = time.monotonic()
         touched: dict[str, RequestGroup] = {}
-        for req, tok in zip(requests, sampled):
-            self._append_token(req, tok, now)
+        for req, index, tok in zip(pending.batch.requests, pending.indices, sampled):
+            out = req.output_token_ids
+            if index >= len(out) or out[index] != PLACEHOLDER:
+                continue  # aborted (or stopped) since: its placeholders were dropped
+            out[index] = tok.token_id
+            req.num_pending -= 1
+            self._append_token(req, tok, now, index + 1)
             touched[req.group.request_id] = req.group
         outputs = []
         for gid, group in touched.items():
-            outputs.append(self._output(group))
-            if group.is_finished:
+            finished = group.is_finished
+            if finished or not final_only:
+                outputs.append(self._output(group))
+            if finished:
                 self._requests.pop(gid, None)
         return outputs
 
@@ -384,9 +455,8 @@ class LLMEngine:
                 src, dst = index(ops.copy, 0).to(dev), index(ops.copy, 1).to(dev)
                 cache.index_copy_(dim, dst, cache.index_select(dim, src))
 
-    def _append_token(self, req: Request, tok, now: float) -> None:
-        p = req.params
-        req.output_token_ids.append(tok.token_id)
+    def _append_token(self, req: Request, tok, now: float, num_out: int) -> None:
+        """Account for output token number ``num_out`` (already in ``output_token_ids``)."""
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
         req.metrics.last_token_time = now
@@ -396,15 +466,20 @@ class LLMEngine:
                 req.logprobs.append(tok.top_logprobs)
         delta = req.detokenizer.add_token(tok.token_id) if req.detokenizer else ""
         req.output_text += delta
-        reason, stop = self._stop_check(req, tok.token_id, delta)
-        if reason is not None:
-            req.stop_reason = stop
-            req.metrics.finished_time = now
+        reason, stop = self._stop_check(req, tok.token_id, delta, num_out)
+        if reason is None:
+            return
+        req.stop_reason = stop
+        req.metrics.finished_time = now
+        if req.is_finished:  # finished ahead on length; a stop on its last token wins
+            req.finish_reason = reason
+        else:
             self.scheduler.finish(req, reason)
+        _drop_pending(req)
 
-    def _stop_check(self, req: Request, token: int, delta: str) -> tuple[str | None, Any]:
+    def _stop_check(self, req: Request, token: int, delta: str,
+                    n_out: int) -> tuple[str | None, Any]:
         p = req.params
-        n_out = len(req.output_token_ids)
         if n_out >= p.min_tokens:
             if req.eos_token_id is not None and token in self.eos_token_ids:
                 return "stop", None
@@ -420,7 +495,7 @@ class LLMEngine:
                     i, s = min(hits)
                     req.output_text = text[: i + len(s)] if p.include_stop_str_in_output else text[:i]
                     return "stop", s
-        if n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        if n_out >= req.max_tokens or req.num_prompt_tokens + n_out >= self.max_model_len:
             return "length", None
         return None, None
 
@@ -455,3 +530,12 @@ class LLMEngine:
         s["num_waiting"] = self.scheduler.num_waiting
         s["num_tokens_computed"] = self.runner.num_tokens_computed
         return s
+
+
+def _drop_pending(req: Request) -> None:
+    """Forget tokens the request will never get (it stopped or was aborted before them)."""
+    while req.num_pending and req.output_token_ids and \
+            req.output_token_ids[-1] == PLACEHOLDER:
+        req.output_token_ids.pop()
+        req.num_pending -= 1
+    req.num_pending = 0

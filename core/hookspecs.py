@@ -48,6 +48,13 @@ def register_attention_backends() -> list[type[AttentionBackend]]:
       sequence's queries to its cached keys/values, reading them only through
       ``metadata.block_tables``.  The batch is flat and unpadded: prefill chunks and decode
       tokens of many sequences mixed in one call (see ``AttentionMetadata``).
+    - ``cuda_graph_decode`` (class attribute, default False): True promises that, for a
+      batch where every row has one query token, ``forward`` launches the same work whatever
+      the device tensors of ``metadata`` hold, reading the host lists only for their length
+      and ``max_seq_len``: no host syncs, no allocations sized from data.  The engine then
+      captures decode steps in CUDA graphs with the metadata's tensors as static buffers,
+      padded rows carrying ``seq_lens`` 1, block table row 0 and ``slot_mapping`` -1 (write
+      nothing), and replays them with only the tensors' contents changed.
 
     Every backend must pass ``tests/test_attention_conformance.py`` against the ``torch``
     reference backend.

@@ -66,10 +66,12 @@ class LLM:
         results: list[RequestOutput | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="Processed prompts", disable=not show_progress)
         try:
-            while any(r is None for r in results):
-                for out in self.engine.step():
+            left = len(requests)
+            while left:
+                for out in self.engine.step(final_only=True):
                     if out.finished and out.request_id in order:
                         results[order[out.request_id]] = out
+                        left -= 1
                         bar.update(1)
         finally:
             bar.close()

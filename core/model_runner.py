@@ -1,7 +1,11 @@
-"""Turns a scheduler decision into one flat, unpadded model batch and runs it.
+"""Turns a scheduler decision into one flat model batch and runs it, eagerly or by replaying
+a CUDA graph.
 
-Host-side metadata is built with numpy and copied to the device once per tensor; the model
-returns hidden states for every scheduled token and logits only for the rows that sample.
+Host side, a step's integer inputs (token ids, positions, slots, sequence lengths, query
+starts, sample rows, block tables) are written with numpy into one pinned int32 buffer and
+reach the device in a single copy; the tensors the model sees are views of it.  A token the
+previous step sampled but the host has not seen yet (``-1``, see ``LLMEngine`` on async
+scheduling) is filled in on the device from that step's token tensor.
 """
 from __future__ import annotations
 
@@ -11,9 +15,12 @@ import numpy as np
 import torch
 
 from pagedllm.attention import AttentionMetadata
+from pagedllm.cuda_graphs import DecodeGraphs
 from pagedllm.kv_cache import KVCacheManager
 from pagedllm.request import Request
 from pagedllm.scheduler import SchedulerOutput
+
+PLACEHOLDER = -1  # an output token sampled on the device whose value the host awaits
 
 
 @dataclass
@@ -23,72 +30,173 @@ class ModelInput:
     metadata: AttentionMetadata
     sample_rows: torch.Tensor  # indices into the token batch whose logits are needed
     sample_requests: list[Request]
+    num_tokens: int  # real tokens; ``input_ids`` may be longer (graph padding)
+    graph_batch: int = 0  # > 0: replay the decode graph captured for this many rows
+
+
+@dataclass
+class _Layout:
+    """Offsets of each field in the packed int32 step buffer."""
+
+    num_tokens: int
+    num_seqs: int
+    num_samples: int
+    num_fills: int
+    table_width: int
+
+    def slices(self) -> dict[str, slice]:
+        # The fields a captured graph reads come first, so their offsets depend only on
+        # the batch and table width; the per-step ones follow.
+        sizes = [("ids", self.num_tokens), ("positions", self.num_tokens),
+                 ("slots", self.num_tokens), ("seq_lens", self.num_seqs),
+                 ("qsl", self.num_seqs + 1), ("tables", self.num_seqs * self.table_width),
+                 ("sample_rows", self.num_samples), ("fill_dst", self.num_fills),
+                 ("fill_src", self.num_fills)]
+        out, at = {}, 0
+        for name, n in sizes:
+            out[name] = slice(at, at + n)
+            at += n
+        return out
+
+    @property
+    def size(self) -> int:
+        return 4 * self.num_tokens + 2 * self.num_seqs + 1 + self.num_samples + \
+            2 * self.num_fills + self.num_seqs * self.table_width
 
 
 class ModelRunner:
     def __init__(self, model, kv_caches: list[torch.Tensor], kv_manager: KVCacheManager,
-                 device: torch.device):
+                 device: torch.device, max_model_len: int = 0, graphs: DecodeGraphs | None = None):
         self.model = model
         self.kv_caches = kv_caches
         self.kv_manager = kv_manager
         self.device = device
+        self.max_model_len = max_model_len
+        self.graphs = graphs
         self.num_tokens_computed = 0  # every token the model has run, for tests and stats
+        self.num_graph_steps = 0  # steps replayed from a CUDA graph
+        pin = device.type == "cuda"
+        # Two staging buffers, used in turn: a step's copy may still be in flight when the
+        # host prepares the next step (async scheduling).
+        self._staging = [torch.empty(0, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._turn = 0
 
-    def prepare(self, sched: SchedulerOutput) -> ModelInput:
+    def _stage(self, size: int) -> np.ndarray:
+        self._turn ^= 1
+        buf = self._staging[self._turn]
+        if buf.numel() < size:
+            buf = torch.empty(max(size, 2 * buf.numel()), dtype=torch.int32,
+                              pin_memory=self.device.type == "cuda")
+            self._staging[self._turn] = buf
+        return buf.numpy()
+
+    def prepare(self, sched: SchedulerOutput, prev_rows: dict[str, int] | None = None,
+                prev_tokens: torch.Tensor | None = None) -> ModelInput:
+        """``prev_rows``/``prev_tokens``: the unresolved previous step, request id -> row of
+        its sampled-token tensor, for inputs still marked ``PLACEHOLDER`` on the host."""
         bs = self.kv_manager.block_size
-        ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
-        qlens, seq_lens, tables = [], [], []
+        tables_of = self.kv_manager.block_tables
+        items = sched.scheduled
+        num_seqs = len(items)
+        lens = [item.num_new_tokens for item in items]
+        num_tokens = sum(lens)
+        graph_batch = 0
+        if self.graphs is not None and num_tokens == num_seqs:
+            graph_batch = self.graphs.batch_for(num_seqs)
+        rows_total = graph_batch or num_tokens
+        seqs_total = graph_batch or num_seqs
+        tables = [tables_of[item.request.request_id] for item in items]
+        width = self.graphs.table_width if graph_batch else max(len(t) for t in tables)
+
+        ids = np.zeros(rows_total, dtype=np.int32)
+        pos = np.zeros(rows_total, dtype=np.int32)
+        slots = np.full(rows_total, -1, dtype=np.int32)
+        seq_lens = np.ones(seqs_total, dtype=np.int32)
+        qlens_host, seq_lens_host = [], []
         sample_rows, sample_requests = [], []
-        for item in sched.scheduled:
-            req, n = item.request, item.num_new_tokens
+        fill_dst, fill_src = [], []
+        block_tables = np.zeros((seqs_total, width), dtype=np.int32)
+        row = 0
+        for i, (item, n, table) in enumerate(zip(items, lens, tables)):
+            req = item.request
             start = req.num_computed_tokens
+            block_tables[i, : len(table)] = table
             if n == 1:
-                ids.append(req.token_id_at(start))
+                tok = req.token_id_at(start)
+                if tok == PLACEHOLDER:
+                    fill_dst.append(row)
+                    fill_src.append(prev_rows[req.request_id])
+                    tok = 0
+                ids[row] = tok
+                pos[row] = start
+                slots[row] = table[start // bs] * bs + start % bs
             else:
-                ids.extend(req.all_token_ids[start : start + n])
-            pos = np.arange(start, start + n, dtype=np.int64)
-            table = np.asarray(self.kv_manager.block_tables[req.request_id], dtype=np.int64)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            qlens.append(n)
-            seq_lens.append(start + n)
-            tables.append(table)
+                toks = req.all_token_ids[start : start + n]
+                if PLACEHOLDER in toks:  # the engine resolves before such a step
+                    raise RuntimeError(f"request {req.request_id}: prompt rows hold an "
+                                       f"unresolved token")
+                ids[row : row + n] = toks
+                p = np.arange(start, start + n, dtype=np.int32)
+                pos[row : row + n] = p
+                slots[row : row + n] = np.asarray(table, dtype=np.int32)[p // bs] * bs + p % bs
+            row += n
+            seq_lens[i] = start + n
+            qlens_host.append(n)
+            seq_lens_host.append(start + n)
             if start + n == req.num_tokens:  # caught up: this row's logits give the next token
-                sample_rows.append(len(ids) - 1)
+                sample_rows.append(row - 1)
                 sample_requests.append(req)
-        max_blocks = max(len(t) for t in tables)
-        block_tables = np.zeros((len(tables), max_blocks), dtype=np.int32)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = t
-        qsl = np.zeros(len(qlens) + 1, dtype=np.int32)
-        np.cumsum(qlens, out=qsl[1:])
-        dev = self.device
+        if graph_batch:
+            # Padded rows: one query at position 0 of a 1-token context, written nowhere.
+            qlens_host = [1] * graph_batch
+        qsl = np.zeros(seqs_total + 1, dtype=np.int32)
+        if graph_batch:
+            qsl[:] = np.arange(seqs_total + 1)
+        else:
+            np.cumsum(lens, out=qsl[1:])
+
+        layout = _Layout(rows_total, seqs_total, len(sample_rows), len(fill_dst), width)
+        cut = layout.slices()
+        host = self._stage(layout.size)
+        for name, value in (("ids", ids), ("positions", pos), ("slots", slots),
+                            ("seq_lens", seq_lens), ("qsl", qsl), ("sample_rows", sample_rows),
+                            ("fill_dst", fill_dst), ("fill_src", fill_src)):
+            host[cut[name]] = value
+        host[cut["tables"]] = block_tables.reshape(-1)
+        src = torch.from_numpy(host[: layout.size])
+        if graph_batch:
+            dev = self.graphs.buffer(layout.size)
+        else:
+            dev = torch.empty(layout.size, dtype=torch.int32, device=self.device)
+        dev.copy_(src, non_blocking=self.device.type == "cuda")
+        view = {name: dev[s] for name, s in cut.items()}
+        input_ids = view["ids"]
+        if fill_dst:
+            input_ids[view["fill_dst"].long()] = prev_tokens.index_select(
+                0, view["fill_src"]).to(torch.int32)
         md = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-            query_start_loc=torch.from_numpy(qsl).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
-            max_query_len=max(qlens),
-            max_seq_len=max(seq_lens),
-            query_lens_host=qlens,
-            seq_lens_host=seq_lens,
+            slot_mapping=view["slots"],
+            query_start_loc=view["qsl"],
+            seq_lens=view["seq_lens"],
+            block_tables=view["tables"].view(seqs_total, width),
+            max_query_len=max(lens),
+            max_seq_len=self.max_model_len if graph_batch else max(seq_lens_host),
+            query_lens_host=qlens_host,
+            seq_lens_host=([self.max_model_len] * graph_batch) if graph_batch else seq_lens_host,
         )
-        return ModelInput(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.from_numpy(np.concatenate(positions)).to(dev),
-            metadata=md,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
-            sample_requests=sample_requests,
-        )
+        return ModelInput(input_ids, view["positions"], md, view["sample_rows"],
+                          sample_requests, num_tokens, graph_batch)
 
     @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> torch.Tensor:
-        """Run the batch; return logits [len(sample_requests), vocab]."""
-        hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
-                            model_input.metadata)
-        self.num_tokens_computed += int(model_input.input_ids.shape[0])
+        """Launch the batch; return logits [len(sample_requests), vocab] (not synchronized)."""
+        if model_input.graph_batch:
+            hidden = self.graphs.replay(model_input.graph_batch)
+            self.num_graph_steps += 1
+        else:
+            hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
+                                model_input.metadata)
+        self.num_tokens_computed += model_input.num_tokens
         if not model_input.sample_requests:
             return hidden.new_empty((0, 0))
         return self.model.compute_logits(hidden.index_select(0, model_input.sample_rows))

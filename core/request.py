@@ -50,6 +50,9 @@ class Request:
     group: object | None = None  # the RequestGroup (n > 1, best_of) this sequence belongs to
     index: int = 0  # position of this sequence in its group
     hold_blocks: bool = False  # keep the blocks after finishing, until released (beam search)
+    # Trailing output tokens sampled on the device whose values the host has not read yet
+    # (async scheduling); they stand in ``output_token_ids`` as -1 until then.
+    num_pending: int = 0
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None:

@@ -6,6 +6,7 @@ so a seeded request gets the same tokens alone or in any batch.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -63,50 +64,87 @@ def _filter(logits: torch.Tensor, req: Request) -> torch.Tensor:
     return probs
 
 
+@dataclass
+class SampledBatch:
+    """One step's sampled tokens, still on the device; ``Sampler.to_host`` reads them."""
+
+    requests: list[Request]
+    token_ids: torch.Tensor  # [len(requests)] int64, on the device
+    raw_logprobs: torch.Tensor | None  # [len(requests), vocab] float32, when any row needs them
+    host_token_ids: torch.Tensor  # where the one device-to-host copy lands
+    copied: torch.cuda.Event | None  # recorded after that copy (CUDA only)
+
+
 class Sampler:
+    """Two phases, so the host can queue the next step between them: ``sample`` launches the
+    choice of every row on the device and one asynchronous copy of the token ids; ``to_host``
+    waits for that copy and builds ``SampledToken``s (log-probabilities included)."""
+
     def __init__(self, generator: torch.Generator):
         self.generator = generator  # for requests without a seed of their own
+        self.last_wait_s = 0.0  # how long the last ``to_host`` waited for the device
 
-    def __call__(
-        self, logits: torch.Tensor, requests: list[Request], tokenizer_decode=None
-    ) -> list[SampledToken]:
+    def __call__(self, logits: torch.Tensor, requests: list[Request],
+                 tokenizer_decode=None) -> list[SampledToken]:
+        return self.to_host(self.sample(logits, requests), tokenizer_decode)
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampledBatch:
         logits = logits.float()
         want_logprobs = any(r.needs_logprob for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        logits = logits.clone()
         # Greedy rows with nothing to adjust take one batched argmax; the rest go row by row.
-        # Tokens stay on the device until one copy to the host at the end.
-        chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         plain = [i for i, r in enumerate(requests) if r.params.greedy and not _adjusts_logits(r)]
-        if plain:
-            rows = torch.tensor(plain, device=logits.device)
-            chosen[rows] = logits.index_select(0, rows).argmax(dim=-1)
-        plain_set = set(plain)
-        for row, req in enumerate(requests):
-            if row in plain_set:
-                continue
-            p = req.params
-            _apply_penalties(logits, row, req)
-            if len(req.output_token_ids) < p.min_tokens:
-                banned = list(p.stop_token_ids)
-                if req.eos_token_id is not None:
-                    banned.append(req.eos_token_id)
-                if banned:
-                    logits[row, banned] = float("-inf")
-            if p.greedy:
-                chosen[row] = torch.argmax(logits[row])
-                continue
-            probs = _filter(logits[row], req)
-            gen = req.generator if req.generator is not None else self.generator
-            chosen[row] = torch.multinomial(probs, 1, generator=gen)[0]
-        chosen = chosen.tolist()
+        if len(plain) == len(requests):
+            chosen = logits.argmax(dim=-1)
+        else:
+            logits = logits.clone()
+            chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+            if plain:
+                rows = torch.tensor(plain, device=logits.device)
+                chosen[rows] = logits.index_select(0, rows).argmax(dim=-1)
+            plain_set = set(plain)
+            for row, req in enumerate(requests):
+                if row in plain_set:
+                    continue
+                self._choose_row(logits, row, req, chosen)
+        cuda = chosen.device.type == "cuda"
+        host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=cuda)
+        host.copy_(chosen, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return SampledBatch(list(requests), chosen, raw_logprobs, host, event)
 
+    def _choose_row(self, logits: torch.Tensor, row: int, req: Request,
+                    chosen: torch.Tensor) -> None:
+        p = req.params
+        _apply_penalties(logits, row, req)
+        if len(req.output_token_ids) < p.min_tokens:
+            banned = list(p.stop_token_ids)
+            if req.eos_token_id is not None:
+                banned.append(req.eos_token_id)
+            if banned:
+                logits[row, banned] = float("-inf")
+        if p.greedy:
+            chosen[row] = torch.argmax(logits[row])
+            return
+        probs = _filter(logits[row], req)
+        gen = req.generator if req.generator is not None else self.generator
+        chosen[row] = torch.multinomial(probs, 1, generator=gen)[0]
+
+    def to_host(self, batch: SampledBatch, tokenizer_decode=None) -> list[SampledToken]:
+        if batch.copied is not None:
+            t = time.perf_counter()
+            batch.copied.synchronize()
+            self.last_wait_s = time.perf_counter() - t
+        chosen = batch.host_token_ids.tolist()
         results = []
-        for row, (req, token) in enumerate(zip(requests, chosen)):
+        for row, (req, token) in enumerate(zip(batch.requests, chosen)):
             if not req.needs_logprob:
                 results.append(SampledToken(token))
                 continue
-            lp = raw_logprobs[row]
+            lp = batch.raw_logprobs[row]
             sampled_lp = float(lp[token])
             k = req.params.logprobs
             if k is None:  # tracked for best_of ranking only

@@ -152,15 +152,15 @@ def test_invalid_request_raises_before_any_stream(engine):
 
 def test_a_request_that_breaks_the_step_fails_alone(engine, offline):
     core = engine.engine
-    real_sampler = core.sampler
+    real_sample = core.sampler.sample
 
-    def sampler(logits, requests, decode=None):
+    def sample(logits, requests):
         # The poisoned request (seed 1234) breaks every step it is in, from its 3rd token.
         if any(r.params.seed == 1234 and len(r.output_token_ids) >= 2 for r in requests):
             raise RuntimeError("poisoned batch")
-        return real_sampler(logits, requests, decode)
+        return real_sample(logits, requests)
 
-    core.sampler = sampler
+    core.sampler.sample = sample
     poison = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, seed=1234)
 
     async def main():

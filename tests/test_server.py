@@ -28,7 +28,7 @@ import pytest
 from pagedllm import LLM, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_tokenizer import CORPUS, build_tiny_tokenizer  # noqa: E402
+from tiny_tokenizer import CORPUS, build_tiny_chat_model  # noqa: E402
 
 KEY = "test-key-123"
 ENGINE_ARGS = ["--num-kv-blocks", "512", "--block-size", "8", "--max-model-len", "512",
@@ -90,21 +90,8 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama over the tiny tokenizer, weights large enough that greedy
-    choices are not near-ties."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-chat")
-    tok = build_tiny_tokenizer(path)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=None, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    """A 2-layer random Llama over the tiny tokenizer."""
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
 
 
 @pytest.fixture(scope="module")

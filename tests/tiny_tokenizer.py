@@ -48,3 +48,22 @@ def build_tiny_tokenizer(save_dir: str | Path):
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(save_dir))
     return tokenizer
+
+
+def build_tiny_chat_model(save_dir: str | Path, max_position_embeddings: int = 1024,
+                          seed: int = 0) -> Path:
+    """The tiny tokenizer plus a 2-layer random Llama over it, saved into ``save_dir``;
+    weights large enough that greedy choices are not near-ties."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tiny_tokenizer(save_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings, initializer_range=0.2,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None,
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(save_dir)
+    return Path(save_dir)

@@ -30,6 +30,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", choices=["hf"], default=None)
     parser.add_argument("--hf-num-requests", type=int, default=64)
     parser.add_argument("--hf-batch-size", type=int, default=64)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=None, help="overlap host and device (default: on for CUDA)")
+    parser.add_argument("--trace", metavar="FILE",
+                        help="write a torch.profiler Chrome trace of 5 steps at full batch")
 
 
 def kv_bytes_per_token(engine) -> int:
@@ -46,6 +51,60 @@ def floor_seconds(engine, reqs, ceilings) -> float:
     prefill_flop = 2 * n_params * sum(len(p) for p, _ in reqs)
     return (steps * weight_bytes + kv_reads) / ceilings.copy_bytes_per_s + \
         prefill_flop / ceilings.matmul_flop_per_s
+
+
+def run_engine(engine, prompts, params, full_batch: int, trace: str | None):
+    """Submit every request, step until done; return (output tokens, per-step timings).
+
+    Each timing is (sequences in the step, wall seconds of ``step()``, seconds it waited
+    for the device).  With async scheduling a step that waits found the device still busy
+    with the previous batch: the host's work for it was hidden behind the device's.
+    """
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(f"w1-{i}", prompt, p)
+    n_out, steps, traced = 0, [], None
+    while engine.has_unfinished_requests():
+        running = engine.scheduler.num_running
+        if trace and traced is None and running >= full_batch and len(steps) > 50:
+            traced = _start_trace()
+        t = time.perf_counter()
+        engine.sampler.last_wait_s = 0.0
+        outs = engine.step(final_only=True)
+        steps.append((running, time.perf_counter() - t, engine.sampler.last_wait_s))
+        if traced is not None and len(traced[1]) < 5:
+            traced[1].append(1)
+            if len(traced[1]) == 5:
+                traced[0].stop()
+                traced[0].export_chrome_trace(trace)
+                print(traced[0].key_averages().table(sort_by="self_cuda_time_total",
+                                                      row_limit=12), flush=True)
+        for o in outs:
+            if o.finished:
+                n_out += len(o.outputs[0].token_ids)
+    return n_out, steps
+
+
+def _start_trace():
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    prof.start()
+    return prof, []
+
+
+def step_report(steps, full_batch: int) -> str:
+    import statistics
+
+    full = [s for s in steps if s[0] >= full_batch]
+    if not full:
+        full = sorted(steps, key=lambda s: -s[0])[: max(1, len(steps) // 4)]
+    wall = statistics.median(s[1] for s in full) * 1e3
+    wait = statistics.median(s[2] for s in full) * 1e3
+    waited = sum(s[2] > 50e-6 for s in full) / len(full)
+    return (f"steps: {len(steps)}; at batch >= {min(s[0] for s in full)} ({len(full)} steps): "
+            f"median step {wall:.2f} ms, of it host waiting for the device {wait:.2f} ms "
+            f"(host busy {wall - wait:.2f} ms); the device was still busy when the host "
+            f"finished in {waited:.0%} of them")
 
 
 def hf_generate_tok_s(engine, reqs, batch_size: int) -> tuple[float, int]:
@@ -82,7 +141,8 @@ def run(args) -> None:
     reqs = w1_requests(args.num_requests)
     llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,
               attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
     engine = llm.engine
     vocab = engine.vocab_size
     reqs = [([t % vocab for t in p], m) for p, m in reqs]
@@ -92,13 +152,13 @@ def run(args) -> None:
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    n_out, steps = run_engine(engine, prompts, params, args.max_num_seqs, args.trace)
     elapsed = time.perf_counter() - start
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     ours = n_out / elapsed
     rows = [("pagedllm", ours, f"{n_out} tokens in {elapsed:.1f}s, "
                                f"{llm.stats()['num_preemptions']} preemptions")]
     print(f"pagedllm: {ours:,.0f} output tok/s ({n_out} tokens in {elapsed:.1f}s)", flush=True)
+    print(step_report(steps, args.max_num_seqs), flush=True)
     if args.compare == "hf":
         hf_reqs = reqs[: args.hf_num_requests]
         hf_tps, hf_n = hf_generate_tok_s(engine, hf_reqs, args.hf_batch_size)

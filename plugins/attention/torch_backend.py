@@ -28,8 +28,9 @@ class TorchAttentionBackend(AttentionBackend):
         block_size = key_cache.shape[1]
         flat_k = key_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_v = value_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, metadata.slot_mapping, key.to(flat_k.dtype))
-        flat_v.index_copy_(0, metadata.slot_mapping, value.to(flat_v.dtype))
+        slots = metadata.slot_mapping.long()
+        flat_k.index_copy_(0, slots, key.to(flat_k.dtype))
+        flat_v.index_copy_(0, slots, value.to(flat_v.dtype))
 
         out = torch.empty_like(query)
         qlens = metadata.query_lens_host

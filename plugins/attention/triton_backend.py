@@ -105,6 +105,9 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     priority = 10  # beats "torch" (0) under attention_backend="auto" wherever it runs
     block_dim = 1
+    # Decode launches depend on the host lists only through their length and max_seq_len
+    # (the split count); padded rows (seq_len 1, slot -1) are harmless.
+    cuda_graph_decode = True
 
     # Decode splitting: aim for about this many programs per SM, never splitting a sequence
     # into partitions shorter than ``decode_min_partition`` tokens.  A test or a benchmark
@@ -168,17 +171,15 @@ class TritonAttentionBackend(AttentionBackend):
             return 64, 4, 2
         return 32, 4, 2
 
-    def _splits(self, num_decodes: int, max_len: int, block_n: int, device) -> tuple[int, int]:
-        """(partitions per sequence, tokens per partition) for one decode launch."""
+    def _splits(self, num_decodes: int, max_len: int, device) -> int:
+        """Partitions per sequence for one decode launch (the kernel sizes each sequence's)."""
         if self._num_sms is None:
             self._num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                              if device.type == "cuda" else 4)
         programs = num_decodes * self.num_kv_heads
         want = _cdiv(self.decode_programs_per_sm * self._num_sms, programs)
-        splits = max(1, min(want, _cdiv(max_len, self.decode_min_partition),
-                            self.decode_max_splits))
-        part = _cdiv(_cdiv(max_len, splits), block_n) * block_n
-        return _cdiv(max_len, part), part
+        return max(1, min(want, _cdiv(max_len, self.decode_min_partition),
+                           self.decode_max_splits))
 
     # ---- forward -----------------------------------------------------------------------
 
@@ -240,7 +241,7 @@ class TritonAttentionBackend(AttentionBackend):
     def _decode(self, k, query, key_cache, value_cache, out, md, plan: _Plan, strides, dot):
         block_n, warps, stages = self._decode_config(key_cache.dtype)
         nd = plan.num_decodes
-        splits, part = self._splits(nd, plan.max_decode_len, block_n, query.device)
+        splits = self._splits(nd, plan.max_decode_len, query.device)
         dense = plan.decode_ids is None
         ids = md.seq_lens if dense else plan.decode_ids  # unused when dense
         if splits > 1:
@@ -254,7 +255,7 @@ class TritonAttentionBackend(AttentionBackend):
         k.decode_kernel[(nd, self.num_kv_heads, splits)](
             query, key_cache, value_cache, out, part_o, part_m, part_l,
             md.block_tables, md.seq_lens, md.query_start_loc, ids,
-            self.scale, part, *strides,
+            self.scale, *strides,
             ONE_SPLIT=splits == 1, DENSE=dense, GROUP=self.group,
             GROUP_PAD=max(16, _next_pow2(self.group)), HEAD_DIM=self.head_dim,
             BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n, **dot,

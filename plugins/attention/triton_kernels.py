@@ -12,7 +12,7 @@ Kernels:
 
 - ``write_kv_kernel``: copies each new token's K/V into its cache slot (``slot_mapping``).
 - ``decode_kernel``: flash-decoding.  One program = one decode sequence x one KV head x one
-  partition of the context.  The program holds every query head of that KV head's GQA group
+  partition of the context (each sequence's length split evenly over the partitions).  The program holds every query head of that KV head's GQA group
   as rows of one tile, so each K/V tile is loaded once for the whole group.  With one
   partition it writes the final output; otherwise it writes a normalized partial output and
   its softmax max and sum, which ``decode_reduce_kernel`` combines.
@@ -67,7 +67,7 @@ def write_kv_kernel(
 def decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, seq_ids_ptr,
-    scale, partition_size,
+    scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     ONE_SPLIT: tl.constexpr,  # one partition per sequence (grid axis 2): write final output
@@ -85,6 +85,9 @@ def decode_kernel(
         seq = tl.load(seq_ids_ptr + i)
     seq_len = tl.load(seq_lens_ptr + seq)
     tok = tl.load(query_start_ptr + seq).to(tl.int64)
+    # Each sequence splits its own length evenly (in whole key tiles) over the grid's
+    # partitions, so the split count can be fixed ahead (a CUDA graph) for any lengths.
+    partition_size = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = split * partition_size
     end = tl.minimum(start + partition_size, seq_len)
 

@@ -1,0 +1,93 @@
+"""CUDA graphs for decode steps: one graph per batch size of a ladder, replayed with new
+contents in static buffers.
+
+A decode step's launches are the same for every batch of one size when the attention
+backend promises so (``AttentionBackend.cuda_graph_decode``): then a graph captured once per
+size replaces hundreds of kernel launches by one.  A batch is padded up to the next captured
+size; padded rows hold token 0 at position 0 with ``seq_lens`` 1, block table row 0 and slot
+-1, so they write no K/V and their outputs are dropped.  Graphs cover the model body; the
+LM head runs eagerly on the rows that sample, which keeps the graphs' memory small.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pagedllm.attention import AttentionMetadata
+
+
+def batch_ladder(max_batch: int) -> list[int]:
+    """Captured batch sizes: fine steps where padding would cost most, coarser above."""
+    sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 513, 16))
+    sizes = [b for b in sizes if b < max_batch]
+    return sizes + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches: list[torch.Tensor], device: torch.device,
+                 max_batch: int, max_model_len: int, block_size: int):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.device = device
+        self.max_model_len = max_model_len
+        self.table_width = -(-max_model_len // block_size)
+        self.sizes = batch_ladder(max_batch)
+        b = max_batch
+        # The fixed fields of the largest batch (ids, positions, slots, seq_lens, query
+        # starts, block tables), then room for its sample rows and fills (3 per row).
+        self._buffer = torch.zeros(5 * b + 1 + b * self.table_width + 3 * b,
+                                   dtype=torch.int32, device=device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def batch_for(self, num_seqs: int) -> int:
+        """The captured size a decode batch of ``num_seqs`` pads to; 0 if none fits."""
+        for b in self.sizes:
+            if b >= num_seqs:
+                return b if b in self._graphs else 0
+        return 0
+
+    def buffer(self, size: int) -> torch.Tensor:
+        return self._buffer[:size]
+
+    def _static_inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        w = self.table_width
+        buf = self._buffer
+        ids, pos, slots = buf[0:b], buf[b : 2 * b], buf[2 * b : 3 * b]
+        seq_lens, qsl = buf[3 * b : 4 * b], buf[4 * b : 5 * b + 1]
+        tables = buf[5 * b + 1 : 5 * b + 1 + b * w].view(b, w)
+        ids.zero_(), pos.zero_(), slots.fill_(-1), seq_lens.fill_(1), tables.zero_()
+        qsl.copy_(torch.arange(b + 1, dtype=torch.int32, device=self.device))
+        md = AttentionMetadata(
+            slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
+            max_query_len=1, max_seq_len=self.max_model_len, query_lens_host=[1] * b,
+            seq_lens_host=[self.max_model_len] * b)
+        return ids, pos, md
+
+    @torch.inference_mode()
+    def capture(self, log: Callable[[str], None] | None = None) -> None:
+        """Capture every size of the ladder, largest first (later ones reuse its memory)."""
+        pool = torch.cuda.graph_pool_handle()
+        before = torch.cuda.memory_reserved(self.device)
+        for b in reversed(self.sizes):
+            ids, pos, md = self._static_inputs(b)
+            self.model(ids, pos, self.kv_caches, md)  # compiles kernels, sets up cuBLAS
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.model(ids, pos, self.kv_caches, md)
+            self._graphs[b] = (graph, out)
+        torch.cuda.synchronize(self.device)
+        if log:
+            extra = (torch.cuda.memory_reserved(self.device) - before) / 2**20
+            log(f"CUDA graphs captured for decode batches {self.sizes[0]}..{self.sizes[-1]} "
+                f"({len(self.sizes)} sizes, {extra:.0f} MiB)")
+
+    def replay(self, b: int) -> torch.Tensor:
+        graph, out = self._graphs[b]
+        graph.replay()
+        return out
