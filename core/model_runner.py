@@ -60,8 +60,7 @@ class _Layout:
 
     @property
     def size(self) -> int:
-        return 4 * self.num_tokens + 2 * self.num_seqs + 1 + self.num_samples + \
-            2 * self.num_fills + self.num_seqs * self.table_width
+        return self.slices()["fill_src"].stop
 
 
 class ModelRunner:

@@ -285,7 +285,8 @@ def test_interpreted_checks_pass():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
            "-k", "triton and not triton-64- and not triton-128-",
-           str(TESTS / "test_triton_backend.py"), str(TESTS / "test_attention_conformance.py")]
+           str(TESTS / "test_triton_backend.py"), str(TESTS / "test_attention_conformance.py"),
+           str(TESTS / "test_fused_ops.py")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=TESTS.parent,
                          timeout=900)
     tail = (out.stdout + out.stderr)[-6000:]

@@ -64,7 +64,12 @@ def hf_twin(engine):
     release_kv_cache(engine)
     hf = AutoModelForCausalLM.from_config(engine.hf_config, dtype=engine.dtype,
                                           attn_implementation="sdpa").to(engine.device).eval()
-    hf.load_state_dict(engine.model.state_dict(), strict=False)
+    ours = engine.model.hf_state_dict() if hasattr(engine.model, "hf_state_dict") \
+        else engine.model.state_dict()
+    missing, unexpected = hf.load_state_dict(ours, strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied: tie_weights
+    if missing or unexpected:
+        raise ValueError(f"HF twin: weights missing {missing[:3]}, unexpected {unexpected[:3]}")
     if getattr(engine.hf_config, "tie_word_embeddings", False):
         hf.tie_weights()
     return hf

@@ -1,8 +1,11 @@
 """The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3.
 
-Parameter names mirror HF transformers (``model.layers.N.self_attn.q_proj.weight`` ...), so a
-checkpoint loads by name.  Architectures differ only in a few switches (``DecoderOptions``):
-biases on q/k/v, an RMSNorm on q and k, tied embeddings.  Attention is the backend plugin's.
+Parameter names mirror HF transformers (``model.layers.N.self_attn.o_proj.weight`` ...), so a
+checkpoint loads by name, except that q/k/v and gate/up are each one matmul: ``qkv_proj`` and
+``gate_up_proj`` hold the checkpoint's tensors stacked (``MERGED`` maps the names both ways).
+Architectures differ only in a few switches (``DecoderOptions``): biases on q/k/v, an RMSNorm
+on q and k, tied embeddings.  Attention is the backend plugin's; norms, rotary and the MLP's
+activation are ``fused_ops`` (one Triton kernel each on CUDA).
 """
 from __future__ import annotations
 
@@ -15,7 +18,12 @@ from torch import nn
 
 from pagedllm.attention import AttentionMetadata
 
-from .rope import RotaryEmbedding, apply_rotary, rope_parameters
+from .fused_ops import rms_norm, rotary, silu_and_mul, use_fused
+from .rope import RotaryEmbedding, rope_parameters
+
+# Checkpoint projection -> (our stacked parameter, its shard index).
+MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
 @dataclass
@@ -32,11 +40,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``, or with ``residual``: (``norm(x + residual)``, ``x + residual``)."""
+        out, new_residual = rms_norm(x, self.weight, self.eps, residual)
+        return out if residual is None else (out, new_residual)
 
 
 def _act(name: str):
@@ -52,13 +59,18 @@ def _act(name: str):
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, act: str, bias: bool):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.shard_sizes = {"gate_up_proj": [intermediate, intermediate]}
+        self.silu = act in ("silu", "swish")
         self.act = _act(act)
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        if self.silu:
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class SelfAttention(nn.Module):
@@ -68,9 +80,9 @@ class SelfAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=options.qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=options.qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=options.qkv_bias)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(hidden, q_size + 2 * kv_size, bias=options.qkv_bias)
+        self.shard_sizes = {"qkv_proj": [q_size, kv_size, kv_size]}
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=options.o_bias)
         if options.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -81,14 +93,15 @@ class SelfAttention(nn.Module):
         self.attn = attention_factory(self.num_heads, self.num_kv_heads, self.head_dim,
                                       self.head_dim**-0.5)
 
-    def forward(self, x, cos, sin, kv_cache, metadata):
+    def forward(self, x, positions, rope, kv_cache, metadata):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.shard_sizes["qkv_proj"], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotary(q, k, positions, *rope)
         o = self.attn.forward(q, k, v, kv_cache, metadata)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
@@ -102,9 +115,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache, metadata):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, metadata)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rope, kv_cache, metadata):
+        """Returns (this layer's MLP output, the residual stream before it); the next norm
+        adds them, so each add is fused into a norm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rope, kv_cache, metadata)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderBody(nn.Module):
@@ -137,37 +157,74 @@ class DecoderForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def _place(self, name: str) -> torch.Tensor | None:
+        """The tensor (a parameter, or a shard of a stacked one) a checkpoint name loads into."""
+        module_path, _, leaf = name.rpartition(".")
+        owner_path, _, proj = module_path.rpartition(".")
+        if proj in MERGED:
+            stacked, index = MERGED[proj]
+            try:
+                owner = self.get_submodule(owner_path)
+            except AttributeError:
+                return None
+            sizes = owner.shard_sizes[stacked]
+            param = getattr(getattr(owner, stacked), leaf, None)
+            if param is None:
+                return None
+            return param.narrow(0, sum(sizes[:index]), sizes[index])
+        return dict(self.named_parameters(remove_duplicate=False)).get(name)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Our weights under the checkpoint's names (stacked ones split back), e.g. to load
+        an HF transformers twin of this model."""
+        out = {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            module_path, _, leaf = name.rpartition(".")
+            owner_path, _, stacked = module_path.rpartition(".")
+            projs = [p for p, (s, _) in MERGED.items() if s == stacked]
+            if not projs:
+                out[name] = param
+                continue
+            sizes = self.get_submodule(owner_path).shard_sizes[stacked]
+            for proj, part in zip(projs, param.split(sizes, dim=0)):
+                out[f"{owner_path}.{proj}.{leaf}"] = part
+        if self.tie_word_embeddings:
+            out.pop("lm_head.weight", None)
+        return out
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters(remove_duplicate=False))
+        expected = set(self.hf_state_dict())
         loaded: set[str] = set()
         for name, tensor in weights:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
-            param = params.get(name)
-            if param is None:
+            target = self._place(name) if name in expected else None
+            if target is None:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            if tuple(param.shape) != tuple(tensor.shape):
+            if tuple(target.shape) != tuple(tensor.shape):
                 raise ValueError(
                     f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"the model expects {tuple(param.shape)}"
+                    f"the model expects {tuple(target.shape)}"
                 )
             with torch.no_grad():
-                param.copy_(tensor)
+                target.copy_(tensor)
             loaded.add(name)
-        if self.tie_word_embeddings:
-            loaded.add("lm_head.weight")
-        missing = sorted(set(params) - loaded)
+        missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
     def forward(self, input_ids, positions, kv_caches, metadata: AttentionMetadata):
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary.cos_sin(positions, x.dtype)
+        rotary_emb = self.model.rotary
+        # The fused rotary computes cos/sin itself; the reference path shares one table.
+        cos_sin = None if use_fused(x) else rotary_emb.cos_sin(positions, x.dtype)
+        rope = (rotary_emb.inverse_frequencies(x.device), cos_sin)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, metadata)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, positions, rope, kv_cache, metadata)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -53,10 +53,14 @@ class RotaryEmbedding(torch.nn.Module):
         self._inv_freq_cpu = inverse_frequencies(head_dim, params)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self._inv_freq.get(positions.device)
+    def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
+        inv_freq = self._inv_freq.get(device)
         if inv_freq is None:
-            inv_freq = self._inv_freq[positions.device] = self._inv_freq_cpu.to(positions.device)
+            inv_freq = self._inv_freq[device] = self._inv_freq_cpu.to(device)
+        return inv_freq
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inverse_frequencies(positions.device)
         freqs = positions.float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
