@@ -89,14 +89,16 @@ class Sampler:
         return self.to_host(self.sample(logits, requests), tokenizer_decode)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampledBatch:
-        logits = logits.float()
         want_logprobs = any(r.needs_logprob for r in requests)
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         # Greedy rows with nothing to adjust take one batched argmax; the rest go row by row.
         plain = [i for i, r in enumerate(requests) if r.params.greedy and not _adjusts_logits(r)]
         if len(plain) == len(requests):
+            # The argmax of half-precision logits is the argmax of their float32 copy.
             chosen = logits.argmax(dim=-1)
+            raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None
         else:
+            logits = logits.float()
+            raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
             logits = logits.clone()
             chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
             if plain:
@@ -104,9 +106,8 @@ class Sampler:
                 chosen[rows] = logits.index_select(0, rows).argmax(dim=-1)
             plain_set = set(plain)
             for row, req in enumerate(requests):
-                if row in plain_set:
-                    continue
-                self._choose_row(logits, row, req, chosen)
+                if row not in plain_set:
+                    self._choose_row(logits, row, req, chosen)
         cuda = chosen.device.type == "cuda"
         host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=cuda)
         host.copy_(chosen, non_blocking=cuda)

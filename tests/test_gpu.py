@@ -30,16 +30,26 @@ def test_fp32_on_gpu_matches_hf_token_for_token(name, backend, tmp_path):
 
 @pytest.mark.parametrize("backend", get_registry().names("attention"))
 def test_bf16_on_gpu_stays_close_to_fp32(backend, tmp_path):
+    """bf16 against the fp32 reference on 16 prompts: the first token's log-probability
+    close, and the first 32 greedy tokens identical on most prompts.  (This random tiny
+    model's logits have near-ties that bf16 rounding can flip, so "most", not "all".)"""
     build_tiny_model("llama", tmp_path)
-    prompts = [{"prompt_token_ids": p} for p in random_prompts([8, 20, 31, 12], seed=2)]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    ref = LLM(model=str(tmp_path), device="cuda", dtype="float32", num_kv_blocks=128,
+    prompts = [{"prompt_token_ids": p}
+               for p in random_prompts([5 + 9 * i % 50 for i in range(16)], seed=2)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0)
+    ref = LLM(model=str(tmp_path), device="cuda", dtype="float32", num_kv_blocks=256,
               attention_backend="torch")
-    want = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
-    llm = LLM(model=str(tmp_path), device="cuda", dtype="bfloat16", num_kv_blocks=128,
+    want = [o.outputs[0] for o in ref.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(model=str(tmp_path), device="cuda", dtype="bfloat16", num_kv_blocks=256,
               attention_backend=backend)
-    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert sum(g[:8] == w[:8] for g, w in zip(got, want)) >= 3
+    got = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    same_first = [g.token_ids[0] == w.token_ids[0] for g, w in zip(got, want)]
+    assert sum(same_first) >= 14
+    for g, w, same in zip(got, want, same_first):
+        if same:
+            t = w.token_ids[0]
+            assert abs(g.logprobs[0][t].logprob - w.logprobs[0][t].logprob) < 0.1
+    assert sum(g.token_ids == w.token_ids for g, w in zip(got, want)) >= 9
 
 
 def test_swap_and_copy_on_write_on_gpu(tmp_path):
