@@ -375,8 +375,8 @@ def test_priority_under_memory_pressure_keeps_output_and_serves_urgent_first(tin
     engine = llm.engine
     real_step, finished_at, count = engine.step, {}, [0]
 
-    def step():
-        outs = real_step()
+    def step(**kwargs):
+        outs = real_step(**kwargs)
         count[0] += 1
         finished_at.update({o.request_id: count[0] for o in outs if o.finished})
         return outs
