@@ -35,6 +35,7 @@ import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
+from pagedllm.gc_freeze import frozen_gc
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import InvalidRequestError, SamplingParams
@@ -363,6 +364,10 @@ class AsyncLLMEngine:
 
     # ---- the engine thread ----------------------------------------------------------------
     def _run(self) -> None:
+        with frozen_gc():  # see gc_freeze: no full collections over the loaded model
+            self._loop()
+
+    def _loop(self) -> None:
         engine = self.engine
         try:
             while not self._stop:

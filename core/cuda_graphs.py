@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from pagedllm.attention import AttentionMetadata
+from pagedllm.step_layout import StepLayout
 
 
 def batch_ladder(max_batch: int) -> list[int]:
@@ -34,9 +35,8 @@ class DecodeGraphs:
         self.table_width = -(-max_model_len // block_size)
         self.sizes = batch_ladder(max_batch)
         b = max_batch
-        # The fixed fields of the largest batch (ids, positions, slots, seq_lens, query
-        # starts, block tables), then room for its sample rows and fills (3 per row).
-        self._buffer = torch.zeros(5 * b + 1 + b * self.table_width + 3 * b,
+        # The step buffer of the largest batch: every row samples and may need a fill.
+        self._buffer = torch.zeros(StepLayout(b, b, b, b, self.table_width).size,
                                    dtype=torch.int32, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -56,10 +56,12 @@ class DecodeGraphs:
 
     def _static_inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         w = self.table_width
+        # The offsets the model runner writes a decode batch of b rows at.
+        cut = StepLayout(b, b, 0, 0, w).slices()
         buf = self._buffer
-        ids, pos, slots = buf[0:b], buf[b : 2 * b], buf[2 * b : 3 * b]
-        seq_lens, qsl = buf[3 * b : 4 * b], buf[4 * b : 5 * b + 1]
-        tables = buf[5 * b + 1 : 5 * b + 1 + b * w].view(b, w)
+        ids, pos, slots = buf[cut["ids"]], buf[cut["positions"]], buf[cut["slots"]]
+        seq_lens, qsl = buf[cut["seq_lens"]], buf[cut["qsl"]]
+        tables = buf[cut["tables"]].view(b, w)
         ids.zero_(), pos.zero_(), slots.fill_(-1), seq_lens.fill_(1), tables.zero_()
         qsl.copy_(torch.arange(b + 1, dtype=torch.int32, device=self.device))
         md = AttentionMetadata(

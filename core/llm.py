@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine import LLMEngine
+from pagedllm.gc_freeze import frozen_gc
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import InvalidRequestError, SamplingParams
 
@@ -65,19 +66,20 @@ class LLM:
         order = {r.request_id: i for i, r in enumerate(requests)}
         results: list[RequestOutput | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="Processed prompts", disable=not show_progress)
-        try:
-            left = len(requests)
-            while left:
-                for out in self.engine.step(final_only=True):
-                    if out.finished and out.request_id in order:
-                        results[order[out.request_id]] = out
-                        left -= 1
-                        bar.update(1)
-        finally:
-            bar.close()
-            for r in requests:  # an exception mid-run must not leave requests holding blocks
-                if not r.group.is_finished:
-                    self.engine.abort_request(r.request_id)
+        with frozen_gc():  # see gc_freeze: no full collections over the loaded model
+            try:
+                left = len(requests)
+                while left:
+                    for out in self.engine.step(final_only=True):
+                        if out.finished and out.request_id in order:
+                            results[order[out.request_id]] = out
+                            left -= 1
+                            bar.update(1)
+            finally:
+                bar.close()
+                for r in requests:  # an exception mid-run must not leave requests holding blocks
+                    if not r.group.is_finished:
+                        self.engine.abort_request(r.request_id)
         return results  # type: ignore[return-value]
 
     def chat(

@@ -19,6 +19,7 @@ from pagedllm.cuda_graphs import DecodeGraphs
 from pagedllm.kv_cache import KVCacheManager
 from pagedllm.request import Request
 from pagedllm.scheduler import SchedulerOutput
+from pagedllm.step_layout import StepLayout
 
 PLACEHOLDER = -1  # an output token sampled on the device whose value the host awaits
 
@@ -32,35 +33,6 @@ class ModelInput:
     sample_requests: list[Request]
     num_tokens: int  # real tokens; ``input_ids`` may be longer (graph padding)
     graph_batch: int = 0  # > 0: replay the decode graph captured for this many rows
-
-
-@dataclass
-class _Layout:
-    """Offsets of each field in the packed int32 step buffer."""
-
-    num_tokens: int
-    num_seqs: int
-    num_samples: int
-    num_fills: int
-    table_width: int
-
-    def slices(self) -> dict[str, slice]:
-        # The fields a captured graph reads come first, so their offsets depend only on
-        # the batch and table width; the per-step ones follow.
-        sizes = [("ids", self.num_tokens), ("positions", self.num_tokens),
-                 ("slots", self.num_tokens), ("seq_lens", self.num_seqs),
-                 ("qsl", self.num_seqs + 1), ("tables", self.num_seqs * self.table_width),
-                 ("sample_rows", self.num_samples), ("fill_dst", self.num_fills),
-                 ("fill_src", self.num_fills)]
-        out, at = {}, 0
-        for name, n in sizes:
-            out[name] = slice(at, at + n)
-            at += n
-        return out
-
-    @property
-    def size(self) -> int:
-        return self.slices()["fill_src"].stop
 
 
 class ModelRunner:
@@ -154,7 +126,7 @@ class ModelRunner:
         else:
             np.cumsum(lens, out=qsl[1:])
 
-        layout = _Layout(rows_total, seqs_total, len(sample_rows), len(fill_dst), width)
+        layout = StepLayout(rows_total, seqs_total, len(sample_rows), len(fill_dst), width)
         cut = layout.slices()
         host = self._stage(layout.size)
         for name, value in (("ids", ids), ("positions", pos), ("slots", slots),

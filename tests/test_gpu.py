@@ -28,28 +28,50 @@ def test_fp32_on_gpu_matches_hf_token_for_token(name, backend, tmp_path):
         assert o.outputs[0].token_ids == hf_greedy(hf, p, 12).tokens
 
 
+@torch.no_grad()
+def _hf_greedy_on(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """HF greedy continuation on the model's device: tokens and the first step's log-probs."""
+    dev = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=dev)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                         min_new_tokens=n, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[0, len(prompt):].tolist(), torch.log_softmax(out.logits[0][0].float(), -1)
+
+
 @pytest.mark.parametrize("backend", get_registry().names("attention"))
 def test_bf16_on_gpu_stays_close_to_fp32(backend, tmp_path):
-    """bf16 against the fp32 reference on 16 prompts: the first token's log-probability
-    close, and the first 32 greedy tokens identical on most prompts.  (This random tiny
-    model's logits have near-ties that bf16 rounding can flip, so "most", not "all".)"""
-    build_tiny_model("llama", tmp_path)
-    prompts = [{"prompt_token_ids": p}
-               for p in random_prompts([5 + 9 * i % 50 for i in range(16)], seed=2)]
+    """bf16 against the fp32 reference on 16 prompts, judged by what HF transformers' own
+    bf16 does on the same weights.  This random model's logits have near-ties that bf16
+    rounding flips (HF's bf16 keeps all 32 tokens on about 3 of the 16 prompts), so the
+    bar is HF's: as many identical continuations, less one, and a first-token log-prob
+    error at most twice HF's bf16 error (+0.02).  Most prompts identical is checked on a
+    trained model, SmolLM2, in test_smollm2."""
+    hf = build_tiny_model("llama", tmp_path).to("cuda")
+    prompts = random_prompts([5 + 9 * i % 50 for i in range(16)], seed=2)
+    fp32 = [_hf_greedy_on(hf, p, 32) for p in prompts]
+    hf16 = [_hf_greedy_on(hf.to(torch.bfloat16), p, 32) for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0)
-    ref = LLM(model=str(tmp_path), device="cuda", dtype="float32", num_kv_blocks=256,
-              attention_backend="torch")
-    want = [o.outputs[0] for o in ref.generate(prompts, params, use_tqdm=False)]
     llm = LLM(model=str(tmp_path), device="cuda", dtype="bfloat16", num_kv_blocks=256,
               attention_backend=backend)
-    got = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
-    same_first = [g.token_ids[0] == w.token_ids[0] for g, w in zip(got, want)]
-    assert sum(same_first) >= 14
-    for g, w, same in zip(got, want, same_first):
-        if same:
-            t = w.token_ids[0]
-            assert abs(g.logprobs[0][t].logprob - w.logprobs[0][t].logprob) < 0.1
-    assert sum(g.token_ids == w.token_ids for g, w in zip(got, want)) >= 9
+    got = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                              params, use_tqdm=False)]
+    ours_same = sum(g.token_ids == w[0] for g, w in zip(got, fp32))
+    hf_same = sum(h[0] == w[0] for h, w in zip(hf16, fp32))
+    ours_err, hf_err = [], []
+    for g, h, (tokens, lp) in zip(got, hf16, fp32):
+        if g.token_ids[0] == tokens[0]:
+            t = tokens[0]
+            ours_err.append(abs(g.logprobs[0][t].logprob - float(lp[t])))
+            hf_err.append(abs(float(h[1][t]) - float(lp[t])))
+    summary = (f"identical 32-token continuations: ours {ours_same}/16, HF bf16 {hf_same}/16; "
+               f"first-token logprob error: ours max {max(ours_err, default=0):.4f}, "
+               f"HF bf16 max {max(hf_err, default=0):.4f}")
+    print(summary)
+    assert ours_same >= hf_same - 1, summary
+    first_same = sum(h[0][0] == w[0][0] for h, w in zip(hf16, fp32))
+    assert len(ours_err) >= first_same - 1, summary
+    assert max(ours_err) <= 2 * max(hf_err) + 0.02, summary
 
 
 def test_swap_and_copy_on_write_on_gpu(tmp_path):

@@ -23,6 +23,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--compare", choices=["hf"], default=None)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--trace", metavar="FILE",
+                        help="write a torch.profiler Chrome trace of 20 decode steps")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None, help="overlap host and device (default: on for CUDA)")
 
@@ -32,6 +34,34 @@ def _sync(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _trace_decode_steps(engine, prompt: list[int], path: str, steps: int = 20) -> None:
+    """Profile ``steps`` batch-1 decode steps; print the kernels by device time and how the
+    device time per step compares with the wall time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pagedllm import SamplingParams
+
+    engine.add_request("w2-trace", {"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0, max_tokens=steps + 10, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    _sync(engine.device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        _sync(engine.device)
+        wall = (time.perf_counter() - t) / steps
+    while engine.has_unfinished_requests():
+        engine.step()
+    prof.export_chrome_trace(path)
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events) / steps
+    print(events.table(sort_by="self_cuda_time_total", row_limit=20))
+    print(f"trace: {steps} decode steps, wall {wall * 1e3:.3f} ms/step, device busy "
+          f"{device_us / 1e3:.3f} ms/step (kernel time; the rest is launch gaps or host)")
 
 
 def run(args) -> None:
@@ -58,6 +88,8 @@ def run(args) -> None:
         ttfts.append(times[0] - start)
         tpots.append((times[-1] - times[0]) / (len(times) - 1))
     rows = [("pagedllm", statistics.median(ttfts), statistics.median(tpots))]
+    if args.trace:
+        _trace_decode_steps(engine, prompt, args.trace)
     if args.compare == "hf":
         from pagedllm.bench.hardware import hf_twin
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 
 from pagedllm.bench.workloads import w1_requests
@@ -56,32 +57,63 @@ def floor_seconds(engine, reqs, ceilings) -> float:
 def run_engine(engine, prompts, params, full_batch: int, trace: str | None):
     """Submit every request, step until done; return (output tokens, per-step timings).
 
-    Each timing is (sequences in the step, wall seconds of ``step()``, seconds it waited
-    for the device).  With async scheduling a step that waits found the device still busy
-    with the previous batch: the host's work for it was hidden behind the device's.
+    Each timing is a ``StepTiming``.  With async scheduling a step that waits found the
+    device still busy with the previous batch: the host's work for it was hidden behind the
+    device's.  Garbage-collector pauses are counted too (the run freezes the objects that
+    exist before it, as ``LLM.generate`` does, so only what the run allocates is scanned).
     """
+    import gc
+
+    from pagedllm.gc_freeze import frozen_gc
+
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(f"w1-{i}", prompt, p)
     n_out, steps, traced = 0, [], None
-    while engine.has_unfinished_requests():
-        running = engine.scheduler.num_running
-        if trace and traced is None and running >= full_batch and len(steps) > 50:
-            traced = _start_trace()
-        t = time.perf_counter()
-        engine.sampler.last_wait_s = 0.0
-        outs = engine.step(final_only=True)
-        steps.append((running, time.perf_counter() - t, engine.sampler.last_wait_s))
-        if traced is not None and len(traced[1]) < 5:
-            traced[1].append(1)
-            if len(traced[1]) == 5:
-                traced[0].stop()
-                traced[0].export_chrome_trace(trace)
-                print(traced[0].key_averages().table(sort_by="self_cuda_time_total",
-                                                      row_limit=12), flush=True)
-        for o in outs:
-            if o.finished:
-                n_out += len(o.outputs[0].token_ids)
+    gc_pauses: list[float] = []
+    began = [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            gc_pauses.append(time.perf_counter() - began[0])
+
+    gc.callbacks.append(on_gc)
+    try:
+        with frozen_gc():
+            while engine.has_unfinished_requests():
+                running = engine.scheduler.num_running
+                if trace and traced is None and running >= full_batch and len(steps) > 50:
+                    traced = _start_trace()
+                computed = engine.runner.num_tokens_computed
+                t = time.perf_counter()
+                engine.sampler.last_wait_s = 0.0
+                outs = engine.step(final_only=True)
+                steps.append(StepTiming(running, engine.runner.num_tokens_computed - computed,
+                                        time.perf_counter() - t, engine.sampler.last_wait_s))
+                if traced is not None and len(traced[1]) < 5:
+                    traced[1].append(1)
+                    if len(traced[1]) == 5:
+                        traced[0].stop()
+                        traced[0].export_chrome_trace(trace)
+                        print(traced[0].key_averages().table(sort_by="self_cuda_time_total",
+                                                              row_limit=12), flush=True)
+                for o in outs:
+                    if o.finished:
+                        n_out += len(o.outputs[0].token_ids)
+    finally:
+        gc.callbacks.remove(on_gc)
+    print(f"garbage collector: {len(gc_pauses)} passes, {sum(gc_pauses) * 1e3:.1f} ms in all, "
+          f"longest {max(gc_pauses, default=0) * 1e3:.1f} ms", flush=True)
     return n_out, steps
+
+
+@dataclass
+class StepTiming:
+    running: int  # sequences running when the step began
+    num_tokens: int  # tokens the model computed in the step (prompt chunks and decodes)
+    wall_s: float  # the whole ``step()``
+    wait_s: float  # of it, waiting for the device to hand over sampled tokens
 
 
 def _start_trace():
@@ -92,19 +124,33 @@ def _start_trace():
     return prof, []
 
 
-def step_report(steps, full_batch: int) -> str:
+def step_report(steps: list[StepTiming], full_batch: int) -> str:
+    """Where the wall time went: prompt steps, decode steps by batch size, and for each the
+    median host time (wall minus waiting) and how often the device was the one behind."""
     import statistics
 
-    full = [s for s in steps if s[0] >= full_batch]
-    if not full:
-        full = sorted(steps, key=lambda s: -s[0])[: max(1, len(steps) // 4)]
-    wall = statistics.median(s[1] for s in full) * 1e3
-    wait = statistics.median(s[2] for s in full) * 1e3
-    waited = sum(s[2] > 50e-6 for s in full) / len(full)
-    return (f"steps: {len(steps)}; at batch >= {min(s[0] for s in full)} ({len(full)} steps): "
-            f"median step {wall:.2f} ms, of it host waiting for the device {wait:.2f} ms "
-            f"(host busy {wall - wait:.2f} ms); the device was still busy when the host "
-            f"finished in {waited:.0%} of them")
+    def line(label: str, group: list[StepTiming]) -> str:
+        if not group:
+            return f"  {label:<28} none"
+        wall = sum(s.wall_s for s in group)
+        med = statistics.median(s.wall_s for s in group) * 1e3
+        host = statistics.median(s.wall_s - s.wait_s for s in group) * 1e3
+        behind = sum(s.wait_s > 50e-6 for s in group) / len(group)
+        return (f"  {label:<28} {len(group):>5} steps {wall:7.2f}s  median {med:6.2f} ms, "
+                f"host busy {host:6.2f} ms, device behind in {behind:4.0%}")
+
+    prompt = [s for s in steps if s.num_tokens > s.running]
+    decode = [s for s in steps if s.num_tokens <= s.running]
+    big = [s for s in decode if s.running >= full_batch]
+    mid = [s for s in decode if full_batch // 4 <= s.running < full_batch]
+    small = [s for s in decode if s.running < full_batch // 4]
+    return "\n".join([
+        f"steps: {len(steps)}, {sum(s.wall_s for s in steps):.2f}s in step()",
+        line("with prompt tokens", prompt),
+        line(f"decode, batch >= {full_batch}", big),
+        line(f"decode, batch {full_batch // 4}-{full_batch - 1}", mid),
+        line(f"decode, batch < {full_batch // 4}", small),
+    ])
 
 
 def hf_generate_tok_s(engine, reqs, batch_size: int) -> tuple[float, int]:

@@ -81,7 +81,11 @@ def _build_plan(md: AttentionMetadata, block_q: int, device: torch.device) -> _P
                 tile_seq.append(i)
                 tile_start.append(s)
     dense = decodes == list(range(len(decodes)))
-    host = (([] if dense else decodes) + tile_seq + tile_start)
+    # Each list starts on a 16-byte boundary (4 int32): the kernels are specialized on
+    # their pointers' alignment, and offsets that moved would compile new variants.
+    pad = [0] * (-len(tile_seq) % 4)
+    head = [] if dense else decodes + [0] * (-len(decodes) % 4)
+    host = head + tile_seq + pad + tile_start
     ids = None
     if host:
         ids = torch.tensor(host, dtype=torch.int32)
@@ -90,14 +94,14 @@ def _build_plan(md: AttentionMetadata, block_q: int, device: torch.device) -> _P
         else:
             ids = ids.to(device)
     nd, nt = len(decodes), len(tile_seq)
-    off = 0 if dense else nd
+    off, off2 = len(head), len(head) + nt + len(pad)
     return _Plan(
         num_decodes=nd,
         decode_ids=None if dense else ids[:nd],
         max_decode_len=max((lens[i] for i in decodes), default=0),
         num_tiles=nt,
         tile_seq=ids[off : off + nt] if nt else None,
-        tile_start=ids[off + nt : off + 2 * nt] if nt else None,
+        tile_start=ids[off2 : off2 + nt] if nt else None,
     )
 
 

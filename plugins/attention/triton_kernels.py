@@ -33,13 +33,14 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
-
-
+# Integer arguments that change from step to step (token counts, block-table widths,
+# split counts) are not specialized on: Triton would otherwise compile a new variant
+# whenever one crosses a multiple of 16, stalling a running engine for a second or more.
 # (Helpers are written inline rather than as nested @triton.jit functions: the interpreter
 # re-patches triton.language on every nested call, which made CI runs several times slower.)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def write_kv_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_tokens,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -63,7 +64,7 @@ def write_kv_kernel(
     tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, seq_ids_ptr,
@@ -141,7 +142,7 @@ def decode_kernel(
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def decode_reduce_kernel(
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, query_start_ptr, seq_ids_ptr,
     num_splits, stride_ot, stride_oh,
@@ -167,7 +168,7 @@ def decode_reduce_kernel(
     tl.store(out_ptr + tok * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, tile_seq_ptr, tile_start_ptr,
