@@ -18,9 +18,11 @@ from pagedllm.plugins.models.rope import apply_rotary, inverse_frequencies
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not HAVE_TRITON or not (CUDA or INTERPRET),
-    reason="needs triton and a CUDA device or TRITON_INTERPRET=1")
+    reason="needs triton and a CUDA device or TRITON_INTERPRET=1")]
+if CUDA:  # so that the GPU test run (``-m gpu``) includes them; in CI they run interpreted
+    pytestmark.append(pytest.mark.gpu)
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -67,7 +69,7 @@ def test_triton_rotary_in_place_matches_reference(dtype):
     cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
     want_q, want_k = apply_rotary(q.clone(), cos, sin), apply_rotary(k.clone(), cos, sin)
     v_before = qkv[:, (nq + nk) * d :].clone()
-    got_q, got_k = fused_ops.rotary(q, k, positions, inv_freq, force=True)
+    got_q, got_k = fused_ops.rotary(q, k, (cos, sin), force=True)
     assert got_q.data_ptr() == q.data_ptr()  # in place
     _close(got_q, want_q, dtype)
     _close(got_k, want_k, dtype)
@@ -81,3 +83,111 @@ def test_triton_silu_and_mul(dtype, n):
     x = (3 * torch.randn(4, 2 * n, generator=gen)).to(DEVICE, dtype)
     want = F.silu(x[:, :n]) * x[:, n:]
     _close(fused_ops.silu_and_mul(x, force=True), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_rotary_with_qk_norm_matches_norm_then_rotary(dtype):
+    gen = torch.Generator().manual_seed(11)
+    t, nq, nk, d = 4, 4, 2, 32
+    qkv = (2 * torch.randn(t, (nq + 2 * nk) * d, generator=gen)).to(DEVICE, dtype)
+    q = qkv[:, : nq * d].view(t, nq, d)
+    k = qkv[:, nq * d : (nq + nk) * d].view(t, nk, d)
+    q_w, k_w = ((1 + 0.2 * torch.randn(d, generator=gen)).to(DEVICE, dtype) for _ in range(2))
+    positions = torch.tensor([0, 5, 77, 3000], device=DEVICE)
+    inv_freq = inverse_frequencies(d, {"rope_type": "default", "rope_theta": 1e6}).to(DEVICE)
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+    want_q = apply_rotary(fused_ops.rms_norm_reference(q.clone(), q_w, 1e-6), cos, sin)
+    want_k = apply_rotary(fused_ops.rms_norm_reference(k.clone(), k_w, 1e-6), cos, sin)
+    # The reference path of the op itself gives the same (norm, then rotate).
+    ref_q, ref_k = fused_ops.rotary(q.clone().cpu(), k.clone().cpu(), (cos.cpu(), sin.cpu()),
+                                    qk_norm=(q_w.cpu(), k_w.cpu(), 1e-6))
+    torch.testing.assert_close(ref_q, want_q.cpu())
+    torch.testing.assert_close(ref_k, want_k.cpu())
+    got_q, got_k = fused_ops.rotary(q, k, (cos, sin), force=True,
+                                    qk_norm=(q_w, k_w, 1e-6))
+    assert got_q.data_ptr() == q.data_ptr()
+    _close(got_q, want_q, dtype)
+    _close(got_k, want_k, dtype)
+
+
+def _linear_close(got, want, dtype):
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    else:  # one rounding of a float32 sum, in another order than cuBLAS's
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("n,k,bias", [(24, 64, False), (37, 80, True)])
+def test_triton_gemv_matches_linear(dtype, rows, n, k, bias):
+    gen = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, k, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
+    want = F.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
+    got = fused_ops.linear(x, w, b, force=True)
+    assert got.shape == (rows, n) and got.dtype == dtype
+    _linear_close(got, want, dtype)
+    # Leading axes are kept, as F.linear keeps them.
+    got3 = fused_ops.linear(x.view(rows, 1, k), w, b, force=True)
+    assert got3.shape == (rows, 1, n)
+    torch.testing.assert_close(got3.view(rows, n), got)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2])
+def test_triton_gemv_with_silu_mul_prologue(dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    n, k = 40, 96
+    gate_up = (2 * torch.randn(rows, 2 * k, generator=gen)).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=gen).to(DEVICE, dtype)
+    act = F.silu(gate_up[:, :k]) * gate_up[:, k:]  # rounded to dtype, as the model's op
+    want = F.linear(act.float(), w.float(), b.float()).to(dtype)
+    _linear_close(fused_ops.silu_mul_linear(gate_up, w, b, force=True), want, dtype)
+
+
+def test_gemv_only_takes_few_row_half_precision_products_on_cuda():
+    w = torch.zeros(8, 16, dtype=torch.bfloat16)
+    few = torch.zeros(fused_ops.GEMV_MAX_ROWS, 16, dtype=torch.bfloat16)
+    many = torch.zeros(fused_ops.GEMV_MAX_ROWS + 1, 16, dtype=torch.bfloat16)
+    assert not fused_ops._gemv_applies(few, w)  # CPU tensors: the torch path
+    if CUDA:
+        assert fused_ops._gemv_applies(few.cuda(), w.cuda())
+        assert not fused_ops._gemv_applies(many.cuda(), w.cuda())
+        assert not fused_ops._gemv_applies(few.cuda().float(), w.cuda().float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_triton_gemv_with_rms_norm_prologue(dtype, rows, with_residual):
+    gen = torch.Generator().manual_seed(10 * rows + with_residual)
+    n, k = 36, 160  # K not a multiple of the interpreter's tile: the masked tail is used
+    x = (3 * torch.randn(rows, k, generator=gen)).to(DEVICE, dtype)
+    r = torch.randn(rows, k, generator=gen).to(DEVICE, dtype) if with_residual else None
+    norm_w = (1 + 0.2 * torch.randn(k, generator=gen)).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=gen).to(DEVICE, dtype)
+    stream = x + r if with_residual else x
+    h = fused_ops.rms_norm_reference(stream, norm_w, 1e-6)
+    want = F.linear(h.float(), w.float(), b.float()).to(dtype)
+    got, got_res = fused_ops.rms_norm_linear(x, r, norm_w, 1e-6, w, b, force=True)
+    assert got.shape == (rows, n)
+    _linear_close(got, want, dtype)
+    if with_residual:  # the new residual stream: x + r, one rounded add
+        assert got_res.data_ptr() not in (x.data_ptr(), r.data_ptr())
+        if CUDA or dtype == torch.float32:  # the interpreter truncates to bf16
+            torch.testing.assert_close(got_res, stream, rtol=0, atol=0)
+        else:
+            _close(got_res, stream, dtype)
+    else:
+        assert got_res is x
+    # The unfused path (CPU, or too many rows) gives the same pair.
+    ref, ref_res = fused_ops.rms_norm_linear(x.cpu(), None if r is None else r.cpu(),
+                                             norm_w.cpu(), 1e-6, w.cpu(), b.cpu())
+    _linear_close(ref, want.cpu(), dtype)
+    torch.testing.assert_close(ref_res, stream.cpu(), rtol=0, atol=0)

@@ -62,8 +62,11 @@ def hf_twin(engine):
     from transformers import AutoModelForCausalLM
 
     release_kv_cache(engine)
-    hf = AutoModelForCausalLM.from_config(engine.hf_config, dtype=engine.dtype,
-                                          attn_implementation="sdpa").to(engine.device).eval()
+    # Built on the device: initialising billions of random weights on the host takes minutes,
+    # and they are all overwritten below.
+    with torch.device(engine.device):
+        hf = AutoModelForCausalLM.from_config(engine.hf_config, dtype=engine.dtype,
+                                              attn_implementation="sdpa").eval()
     ours = engine.model.hf_state_dict() if hasattr(engine.model, "hf_state_dict") \
         else engine.model.state_dict()
     missing, unexpected = hf.load_state_dict(ours, strict=False)

@@ -18,7 +18,8 @@ from torch import nn
 
 from pagedllm.attention import AttentionMetadata
 
-from .fused_ops import rms_norm, rotary, silu_and_mul, use_fused
+from .fused_ops import (linear, rms_norm, rms_norm_linear, rotary, silu_and_mul, silu_mul_linear,
+                        use_fused)
 from .rope import RotaryEmbedding, rope_parameters
 
 # Checkpoint projection -> (our stacked parameter, its shard index).
@@ -56,18 +57,31 @@ def _act(name: str):
     raise ValueError(f"hidden_act: {name!r} is not supported (silu, gelu, gelu_pytorch_tanh)")
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose few-row products (decode at small batch) run as a Triton GEMV
+    on CUDA (``fused_ops.linear``); quantization plugins replace it like any nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, act: str, bias: bool):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
         self.shard_sizes = {"gate_up_proj": [intermediate, intermediate]}
         self.silu = act in ("silu", "swish")
         self.act = _act(act)
 
     def forward(self, x):
-        gate_up = self.gate_up_proj(x)
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up):
+        """The MLP from its gate/up projection on."""
         if self.silu:
+            if type(self.down_proj) is Linear:  # not replaced by a quantization method
+                return silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
             return self.down_proj(silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
@@ -81,9 +95,9 @@ class SelfAttention(nn.Module):
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(hidden, q_size + 2 * kv_size, bias=options.qkv_bias)
+        self.qkv_proj = Linear(hidden, q_size + 2 * kv_size, bias=options.qkv_bias)
         self.shard_sizes = {"qkv_proj": [q_size, kv_size, kv_size]}
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=options.o_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=options.o_bias)
         if options.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -94,14 +108,19 @@ class SelfAttention(nn.Module):
                                       self.head_dim**-0.5)
 
     def forward(self, x, positions, rope, kv_cache, metadata):
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.shard_sizes["qkv_proj"], dim=-1)
+        return self.attend(self.qkv_proj(x), positions, rope, kv_cache, metadata)
+
+    def attend(self, qkv, positions, rope, kv_cache, metadata):
+        """Attention from the qkv projection on, through o_proj."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split(self.shard_sizes["qkv_proj"], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, k, positions, *rope)
+        qk_norm = None
+        if self.q_norm is not None:  # applied inside the rotary op
+            qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        q, k = rotary(q, k, rope, qk_norm=qk_norm)
         o = self.attn.forward(q, k, v, kv_cache, metadata)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
@@ -117,14 +136,24 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual, positions, rope, kv_cache, metadata):
         """Returns (this layer's MLP output, the residual stream before it); the next norm
-        adds them, so each add is fused into a norm."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rope, kv_cache, metadata)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        adds them, so each add is fused into a norm (and at decode each norm into the
+        projection after it)."""
+        attn = self.self_attn
+        qkv, residual = _norm_then_project(self.input_layernorm, attn.qkv_proj, x, residual)
+        h = attn.attend(qkv, positions, rope, kv_cache, metadata)
+        gate_up, residual = _norm_then_project(self.post_attention_layernorm,
+                                               self.mlp.gate_up_proj, h, residual)
+        return self.mlp.down(gate_up), residual
+
+
+def _norm_then_project(norm: RMSNorm, proj: nn.Module, x, residual):
+    """(proj(norm(x + residual)), x + residual), with x alone when residual is None."""
+    if type(proj) is Linear:  # not replaced by a quantization method: one fused op
+        return rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias)
+    if residual is None:
+        return proj(norm(x)), x
+    h, residual = norm(x, residual)
+    return proj(h), residual
 
 
 class DecoderBody(nn.Module):
@@ -151,7 +180,7 @@ class DecoderForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         with torch.device("meta"):
             self.model = DecoderBody(config, self.options, attention_factory)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.to_empty(device=device)
         self.to(dtype)
         if self.tie_word_embeddings:
@@ -217,10 +246,8 @@ class DecoderForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, metadata: AttentionMetadata):
         x = self.model.embed_tokens(input_ids)
-        rotary_emb = self.model.rotary
-        # The fused rotary computes cos/sin itself; the reference path shares one table.
-        cos_sin = None if use_fused(x) else rotary_emb.cos_sin(positions, x.dtype)
-        rope = (rotary_emb.inverse_frequencies(x.device), cos_sin)
+        # Once per step, for every layer.
+        rope = self.model.rotary.cos_sin(positions, x.dtype, as_float32=use_fused(x))
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x, residual = layer(x, residual, positions, rope, kv_cache, metadata)

@@ -33,12 +33,23 @@ def rms_norm_kernel(
 
 
 @triton.jit
-def _rotate_heads(ptr, m, cos, sin, HALF: tl.constexpr):
+def _rotate_heads(ptr, m, cos, sin, norm_w_ptr, eps, HAS_NORM: tl.constexpr,
+                  HALF: tl.constexpr):
     """x * cos + rotate_half(x) * sin in place for a [heads, 2 * HALF] tile, with
-    rotate_half(x) = [-x2, x1]; each product and the sum rounded, as the reference's ops are."""
+    rotate_half(x) = [-x2, x1]; each product and the sum rounded, as the reference's ops are.
+    HAS_NORM: each head is first RMS-normalised over its 2 * HALF values and scaled by
+    ``norm_w`` (Qwen3's q_norm/k_norm), rounded as ``rms_norm_kernel`` rounds."""
     dtype = ptr.dtype.element_ty
     x1 = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(ptr + HALF, mask=m, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        var = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF)
+        scale = tl.math.rsqrt(var + eps)[:, None]
+        f = tl.arange(0, HALF)[None, :]
+        w1 = tl.load(norm_w_ptr + f).to(tl.float32)
+        w2 = tl.load(norm_w_ptr + HALF + f).to(tl.float32)
+        x1 = (w1 * (x1 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x2 = (w2 * (x2 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     o1 = (x1 * cos).to(dtype).to(tl.float32) + (-x2 * sin).to(dtype).to(tl.float32)
     o2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
     tl.store(ptr, o1.to(dtype), mask=m)
@@ -47,21 +58,24 @@ def _rotate_heads(ptr, m, cos, sin, HALF: tl.constexpr):
 
 @triton.jit
 def rotary_kernel(
-    q_ptr, k_ptr, pos_ptr, inv_freq_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+    q_ptr, k_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, eps,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
     NQ: tl.constexpr, NK: tl.constexpr, NQ_PAD: tl.constexpr, NK_PAD: tl.constexpr,
-    HALF: tl.constexpr,
+    HALF: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
+    """Rotates token t's q and k heads in place by its row of the step's cos/sin tables
+    ([tokens, 2 * HALF] float32, the two halves equal), which torch computed once per step
+    exactly as the reference computes them, rather than once per layer here."""
     t = tl.program_id(0).to(tl.int64)
-    dtype = q_ptr.dtype.element_ty
     f = tl.arange(0, HALF)
-    freq = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + f)
-    # The reference casts cos and sin to the activation dtype before using them.
-    cos = tl.cos(freq).to(dtype).to(tl.float32)[None, :]
-    sin = tl.sin(freq).to(dtype).to(tl.float32)[None, :]
+    cos = tl.load(cos_ptr + t * stride_ct + f).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + t * stride_ct + f).to(tl.float32)[None, :]
     hq = tl.arange(0, NQ_PAD)[:, None]
-    _rotate_heads(q_ptr + t * stride_qt + hq * stride_qh + f[None, :], hq < NQ, cos, sin, HALF)
+    _rotate_heads(q_ptr + t * stride_qt + hq * stride_qh + f[None, :], hq < NQ, cos, sin,
+                  q_norm_ptr, eps, HAS_NORM, HALF)
     hk = tl.arange(0, NK_PAD)[:, None]
-    _rotate_heads(k_ptr + t * stride_kt + hk * stride_kh + f[None, :], hk < NK, cos, sin, HALF)
+    _rotate_heads(k_ptr + t * stride_kt + hk * stride_kh + f[None, :], hk < NK, cos, sin,
+                  k_norm_ptr, eps, HAS_NORM, HALF)
 
 
 @triton.jit
@@ -74,3 +88,79 @@ def silu_and_mul_kernel(x_ptr, out_ptr, n, stride_x, stride_o, BLOCK: tl.constex
     u = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
     s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (s * u).to(dtype), mask=mask)
+
+
+@triton.jit
+def _gemv_input(x_rows, r_rows, rk, mask, NORM_RES: tl.constexpr, dtype):
+    """A [M_PAD, BLOCK_K] chunk of the product's input before any norm: x, or the residual
+    stream x + residual rounded as an unfused add rounds it."""
+    x = tl.load(x_rows + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NORM_RES:
+        r = tl.load(r_rows + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = (x + r).to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
+def gemv_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    norm_w_ptr, r_ptr, r_out_ptr, stride_rm, eps,
+    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
+    NORM_RES: tl.constexpr, EVEN_K: tl.constexpr,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for a few rows M: each program streams
+    BLOCK_N rows of the weight once and serves every row of x with them.
+
+    SILU_MUL: x holds [gate | up] (2K wide) and the input is silu(gate) * up, computed
+    on the fly (rounded as ``silu_and_mul_kernel`` rounds it) instead of by its own kernel.
+    NORM: the input is RMSNorm(x) with weight ``norm_w`` (rounded as ``rms_norm_kernel``
+    rounds it); with NORM_RES, RMSNorm(x + r), and program 0 also writes x + r to r_out
+    (the residual stream).  Every program computes the row's variance itself in a first
+    pass over x (a few KiB from L2): cheaper than a kernel of its own at decode.
+    """
+    pid = tl.program_id(0)
+    dtype = out_ptr.dtype.element_ty
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, M_PAD)
+    n_mask = rn < N
+    m_mask = rm < M
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    r_rows = r_ptr + rm.to(tl.int64)[:, None] * stride_rm
+    if NORM:
+        sumsq = tl.zeros([M_PAD], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mask = m_mask[:, None] & (rk < K)[None, :]
+            x = _gemv_input(x_rows, r_rows, rk, mask, NORM_RES, dtype)
+            if NORM_RES:
+                if pid == 0:
+                    r_out = r_out_ptr + rm.to(tl.int64)[:, None] * stride_rm + rk[None, :]
+                    tl.store(r_out, x.to(dtype), mask=mask)
+            sumsq += tl.sum(x * x, axis=1)
+        scale = tl.math.rsqrt(sumsq / K + eps)[:, None]
+    acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None], other=0.0)
+            x_mask = m_mask[:, None]
+        else:
+            w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :],
+                        other=0.0)
+            x_mask = m_mask[:, None] & (rk < K)[None, :]
+        x = _gemv_input(x_rows, r_rows, rk, x_mask, NORM_RES, dtype)
+        if SILU_MUL:
+            u = tl.load(x_rows + K + rk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            s = (x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32)
+            x = (s * u).to(dtype).to(tl.float32)
+        if NORM:
+            h = (x * scale).to(dtype).to(tl.float32)
+            nw = tl.load(norm_w_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+            x = (nw * h).to(dtype).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out, acc.to(dtype), mask=m_mask[:, None] & n_mask[None, :])

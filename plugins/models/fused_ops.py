@@ -79,26 +79,43 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 # ---- rotary embedding -----------------------------------------------------------------------
-def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-           cos_sin=None, force: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+           force: bool = False,
+           qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] by their
     positions (the halves of head_dim rotate as pairs).  The fused path works in place.
 
-    ``cos_sin``: the reference path's (cos, sin), computed once per step by the caller.
+    ``cos_sin``: the step's (cos, sin), each [tokens, 1, head_dim], computed once per step by
+    the caller (``RotaryEmbedding.cos_sin``): in q's dtype for the reference path, and for
+    the fused one best as float32 tensors holding the values rounded to q's dtype.  (Given
+    bf16 tables, the compiler turns each product-and-sum into one bf16 FMA that skips the
+    reference's rounding of the first product: 12% of outputs then differ by an ulp.  With
+    a float32 operand it cannot.)
+    ``qk_norm``: (q weight, k weight, eps) of an RMSNorm over each head applied first
+    (Qwen3); fused, it costs nothing beyond the rotation's own loads.
     """
+    cos, sin = cos_sin
     if not (force or use_fused(q)):
         from .rope import apply_rotary
 
-        cos, sin = cos_sin
+        if qk_norm is not None:
+            q = rms_norm_reference(q, qk_norm[0], qk_norm[2])
+            k = rms_norm_reference(k, qk_norm[1], qk_norm[2])
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     kern = _kernels()
     t, nq, d = q.shape
     nk = k.shape[1]
+    cos, sin = cos.reshape(t, d).float(), sin.reshape(t, d).float()  # no-ops when float32
+    if cos.stride(-1) != 1 or sin.stride(0) != cos.stride(0):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    q_w, k_w, eps = qk_norm if qk_norm is not None else (cos, cos, 0.0)
     if t:
         kern.rotary_kernel[(t,)](
-            q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q, k, cos, sin, q_w, k_w, eps,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
             NQ=nq, NK=nk, NQ_PAD=_next_pow2(nq), NK_PAD=_next_pow2(nk), HALF=d // 2,
-            num_warps=4)
+            HAS_NORM=qk_norm is not None, num_warps=4)
     return q, k
 
 
@@ -116,3 +133,115 @@ def silu_and_mul(gate_up: torch.Tensor, force: bool = False) -> torch.Tensor:
         kern.silu_and_mul_kernel[(x.shape[0], -(-n // block))](
             x, out, n, x.stride(0), out.stride(0), BLOCK=block, num_warps=4)
     return out.view(*gate_up.shape[:-1], n)
+
+
+# ---- one-row linear layers (decode at batch 1) -----------------------------------------------
+# A one-row linear layer on CUDA in bf16/fp16 runs as ``gemv_kernel``: at one row a matmul
+# only streams its weight, and cuBLAS picks tiles (and split-K passes) made for larger M that
+# leave much of the bandwidth unused on mid-sized weights.  fp32 keeps cuBLAS, so fp32
+# results stay those of the torch reference.  The kernel serves up to a few rows, but on an
+# H100 it lost to cuBLAS by 3-4x at four rows (``bench gemv --rows 1,4``), so only one row
+# takes it.
+GEMV_MAX_ROWS = 1
+# The RMSNorm prologue makes every program read the whole input row twice (from L2); that
+# pays at hidden sizes to 2048 (Qwen3-0.6B: -1.2 us a fused pair) and costs at 4096 (Llama 8B:
+# +5 us), where the norm stays a kernel of its own.
+NORM_PROLOGUE_MAX_K = 2048
+_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def gemv_config(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [m_pad, k] x [n, k]^T product.
+
+    From ``python -m pagedllm.bench.gemv --sweep`` on an H100 at one row: long K tiles
+    (1024), two weight rows a program unless the weight is wide (many programs already) or
+    square-and-deep, eight for the very deep down_proj of 8B models.  The [m_pad, BLOCK_N,
+    BLOCK_K] product tile is capped so that more rows shorten K rather than spill registers.
+    """
+    if k >= 8192:
+        block_n = 8
+    elif n >= 8192 or (k >= 4096 and n <= k):
+        block_n = 4
+    else:
+        block_n = 2
+    budget = 8192 if block_n == 8 else 4096
+    block_k = min(1024, _next_pow2(k), max(128, budget // (block_n * m_pad)))
+    return block_n, block_k, 4, 2 if n >= 8192 else 4
+
+
+def _gemv_applies(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x2.shape[0] <= GEMV_MAX_ROWS and weight.dtype in _GEMV_DTYPES
+            and x2.dtype == weight.dtype and weight.stride(-1) == 1 and use_fused(x2))
+
+
+def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
+          interpreted: bool, config: tuple[int, int, int, int] | None = None,
+          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x2 @ weight^T + bias, the new residual stream when ``residual`` is given)."""
+    m = x2.shape[0]
+    n, k = weight.shape
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    r_out = torch.empty_like(x2) if residual is not None else None
+    if m == 0:
+        return out, r_out
+    m_pad = _next_pow2(m)
+    block_n, block_k, warps, stages = config or gemv_config(n, k, m_pad)
+    if interpreted:  # the interpreter's cost grows with tile size
+        block_k = min(block_k, 64)
+    norm_w, eps = norm if norm is not None else (weight, 0.0)
+    r = residual if residual is not None else x2
+    _kernels().gemv_kernel[(-(-n // block_n),)](
+        x2, weight, bias if bias is not None else weight, out, m, n, k,
+        x2.stride(0), weight.stride(0), out.stride(0),
+        norm_w, r, r_out if r_out is not None else out, r.stride(0), eps,
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None,
+        NORM_RES=residual is not None, EVEN_K=k % block_k == 0,
+        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return out, r_out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           force: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; few-row bf16/fp16 products on CUDA (or any with
+    ``force``) run as the Triton GEMV."""
+    k = weight.shape[1]
+    x2 = x.reshape(-1, k)
+    if not (force or _gemv_applies(x2, weight)):
+        return F.linear(x, weight, bias)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return _gemv(x2, weight, bias, False, force and not x.is_cuda)[0].view(*x.shape[:-1], -1)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None, force: bool = False) -> torch.Tensor:
+    """``F.linear(silu_and_mul(gate_up), weight, bias)``; on the GEMV path the activation is
+    computed inside the product, one kernel instead of two."""
+    n = gate_up.shape[-1] // 2
+    x2 = gate_up.reshape(-1, 2 * n)
+    if not (force or _gemv_applies(x2, weight)):
+        return F.linear(silu_and_mul(gate_up), weight, bias)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return _gemv(x2, weight, bias, True, force and not gate_up.is_cuda)[0].view(
+        *gate_up.shape[:-1], -1)
+
+
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                    eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    force: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.linear(rms_norm(x + residual), weight, bias)`` and the new residual stream
+    ``x + residual`` (x itself when ``residual`` is None).  On the GEMV path the norm and the
+    add are computed inside the product, one kernel instead of two."""
+    k = weight.shape[1]
+    x2 = x.reshape(-1, k)
+    if not (force or (k <= NORM_PROLOGUE_MAX_K and _gemv_applies(x2, weight))):
+        h, new_residual = rms_norm(x, norm_weight, eps, residual, force=force)
+        return linear(h, weight, bias), (x if residual is None else new_residual)
+    x2 = x2.contiguous()
+    r2 = residual.reshape(-1, k).contiguous() if residual is not None else None
+    out, r_out = _gemv(x2, weight, bias, False, force and not x.is_cuda,
+                       norm=(norm_weight, eps), residual=r2)
+    return (out.view(*x.shape[:-1], -1),
+            x if residual is None else r_out.view(residual.shape))

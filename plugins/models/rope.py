@@ -59,11 +59,18 @@ class RotaryEmbedding(torch.nn.Module):
             inv_freq = self._inv_freq[device] = self._inv_freq_cpu.to(device)
         return inv_freq
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, as_float32: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [tokens, 1, head_dim], rounded to ``dtype`` as the reference
+        rounds them; ``as_float32`` holds those rounded values in float32 tensors (what the
+        fused rotary kernel wants)."""
         inv_freq = self.inverse_frequencies(positions.device)
         freqs = positions.float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        if as_float32:
+            return cos.float(), sin.float()
+        return cos, sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
