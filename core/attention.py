@@ -22,7 +22,11 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int32 or int64: each new K/V's slot; < 0: skip
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     seq_lens: torch.Tensor  # [num_seqs] int32: tokens in context after this step
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    # [num_seqs, width] int32: row i holds sequence i's blocks, then 0 up to the widest
+    # table of the step; a CUDA-graph batch's rows are wider (a fixed width), and what lies
+    # past the widest table there is unspecified: read a row only up to its sequence's
+    # ``cdiv(seq_lens[i], block_size)`` blocks.
+    block_tables: torch.Tensor
     max_query_len: int
     max_seq_len: int
     # Host copies, so a backend can plan without a device-to-host sync.

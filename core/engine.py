@@ -16,7 +16,7 @@ from pagedllm.loader import load_checkpoint
 from pagedllm.model_runner import PLACEHOLDER, ModelRunner
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.plugin_manager import get_registry, select
-from pagedllm.request import Request, RequestGroup
+from pagedllm.request import Request, RequestGroup, RequestStatus
 from pagedllm.sampler import SampledBatch, Sampler
 from pagedllm.sampling_params import InvalidRequestError, SamplingParams
 from pagedllm.scheduler import SchedulerConfig
@@ -363,51 +363,58 @@ class LLMEngine:
             sched, pending.rows if pending else None,
             pending.batch.token_ids if pending else None)
         logits = self.runner.execute(model_input)
-        kv = self.kv_manager
+        # The loops below run for every request on every step, ahead of the device: they
+        # read attributes once into locals and call out only for what is rare.
+        caching = self.kv_manager.enable_prefix_caching
+        cached_keys = self.kv_manager.num_cached_blocks
+        bs = self.kv_manager.block_size
+        finished = RequestStatus.FINISHED
         for item in sched.scheduled:
             req = item.request
-            req.num_computed_tokens += item.num_new_tokens
+            computed = req.num_computed_tokens = req.num_computed_tokens + item.num_new_tokens
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-            self._cache_blocks(req)
+            if caching:
+                # Full blocks whose tokens are all known (not awaiting the device) are
+                # registered for prefix caching, once each.
+                known = min(computed, len(req.prompt_token_ids) + len(req.output_token_ids)
+                            - req.num_pending)
+                if known // bs > cached_keys(req.request_id) and req.status is not finished:
+                    self.kv_manager.cache_full_blocks(req.request_id, req.all_token_ids, known,
+                                                      req.cache_key)
         outputs = self._resolve(final_only) if pending is not None else []
         requests, rows = [], []
+        same_rows = True  # the logits' rows are the requests' rows, one each
         for row, req in enumerate(model_input.sample_requests):
-            if req.is_finished:  # it stopped on the token just resolved
+            if req.status is finished:  # it stopped on the token just resolved
+                same_rows = False
                 continue
             requests.append(req)
             rows.append(row)
-            if req.group.needs_fork():
+            if req.params.num_sequences > 1 and req.group.needs_fork():
                 for child in self._fork(req):
+                    same_rows = False
                     requests.append(child)
                     rows.append(row)
         if not requests:
             return outputs
-        if rows != list(range(logits.shape[0])):
+        if not same_rows:
             logits = logits[torch.tensor(rows, device=logits.device)]
         batch = self.sampler.sample(logits, requests)
         indices = []
+        max_len = self.max_model_len
         for req in requests:
-            indices.append(len(req.output_token_ids))
-            req.output_token_ids.append(PLACEHOLDER)
+            out = req.output_token_ids
+            indices.append(len(out))
+            out.append(PLACEHOLDER)
             req.num_pending += 1
-            if len(req.output_token_ids) >= req.max_tokens or \
-                    req.num_tokens >= self.max_model_len:
+            if len(out) >= req.max_tokens or len(req.prompt_token_ids) + len(out) >= max_len:
                 self.scheduler.finish(req, "length")
         self._pending = _PendingStep(batch, {r.request_id: i for i, r in enumerate(requests)},
                                      indices)
         if not self.async_scheduling:
             outputs += self._resolve(final_only)
         return outputs
-
-    def _cache_blocks(self, req: Request) -> None:
-        """Register the request's full blocks for prefix caching, once their tokens are known."""
-        kv = self.kv_manager
-        if not kv.enable_prefix_caching or req.is_finished:
-            return
-        known = min(req.num_computed_tokens, req.num_tokens - req.num_pending)
-        if known // kv.block_size > kv.num_cached_blocks(req.request_id):
-            kv.cache_full_blocks(req.request_id, req.all_token_ids, known, req.cache_key)
 
     def _resolve(self, final_only: bool = False) -> list[RequestOutput]:
         """Read the pending step's tokens and apply them: stops, text, outputs."""

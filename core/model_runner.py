@@ -64,9 +64,15 @@ class ModelRunner:
     def prepare(self, sched: SchedulerOutput, prev_rows: dict[str, int] | None = None,
                 prev_tokens: torch.Tensor | None = None) -> ModelInput:
         """``prev_rows``/``prev_tokens``: the unresolved previous step, request id -> row of
-        its sampled-token tensor, for inputs still marked ``PLACEHOLDER`` on the host."""
-        bs = self.kv_manager.block_size
-        tables_of = self.kv_manager.block_tables
+        its sampled-token tensor, for inputs still marked ``PLACEHOLDER`` on the host.
+
+        This runs for every step on the host, ahead of the device: decode rows (the bulk of
+        a big batch) cost a few list appends each, prompt rows are built with numpy, and the
+        block tables are gathered from the KV manager's array in one call.
+        """
+        kv = self.kv_manager
+        bs = kv.block_size
+        tables_of = kv.block_tables
         items = sched.scheduled
         num_seqs = len(items)
         lens = [item.num_new_tokens for item in items]
@@ -76,56 +82,69 @@ class ModelRunner:
             graph_batch = self.graphs.batch_for(num_seqs)
         rows_total = graph_batch or num_tokens
         seqs_total = graph_batch or num_seqs
-        tables = [tables_of[item.request.request_id] for item in items]
-        width = self.graphs.table_width if graph_batch else max(len(t) for t in tables)
 
-        ids = np.zeros(rows_total, dtype=np.int32)
-        pos = np.zeros(rows_total, dtype=np.int32)
-        slots = np.full(rows_total, -1, dtype=np.int32)
-        seq_lens = np.ones(seqs_total, dtype=np.int32)
-        qlens_host, seq_lens_host = [], []
+        decodes = num_tokens == num_seqs  # one token a row: the lists below are the rows
+        ids: list[int] | np.ndarray = [] if decodes else np.zeros(rows_total, dtype=np.int32)
+        pos: list[int] | np.ndarray = [] if decodes else np.zeros(rows_total, dtype=np.int32)
+        slots: list[int] | np.ndarray = [] if decodes else np.full(rows_total, -1, np.int32)
+        seq_lens_host, table_rows = [], []
         sample_rows, sample_requests = [], []
         fill_dst, fill_src = [], []
-        block_tables = np.zeros((seqs_total, width), dtype=np.int32)
+        max_blocks = 0
+        row_of = kv.table_array.row_of
         row = 0
-        for i, (item, n, table) in enumerate(zip(items, lens, tables)):
+        for item, n in zip(items, lens):
             req = item.request
+            rid = req.request_id
             start = req.num_computed_tokens
-            block_tables[i, : len(table)] = table
+            end = start + n
+            table = tables_of[rid]
+            table_rows.append(row_of[rid])
+            if len(table) > max_blocks:
+                max_blocks = len(table)
+            prompt, out = req.prompt_token_ids, req.output_token_ids
+            n_prompt = len(prompt)
             if n == 1:
-                tok = req.token_id_at(start)
+                tok = prompt[start] if start < n_prompt else out[start - n_prompt]
                 if tok == PLACEHOLDER:
                     fill_dst.append(row)
-                    fill_src.append(prev_rows[req.request_id])
+                    fill_src.append(prev_rows[rid])
                     tok = 0
-                ids[row] = tok
-                pos[row] = start
-                slots[row] = table[start // bs] * bs + start % bs
+                slot = table[start // bs] * bs + start % bs
+                if decodes:
+                    ids.append(tok)
+                    pos.append(start)
+                    slots.append(slot)
+                else:
+                    ids[row], pos[row], slots[row] = tok, start, slot
             else:
-                toks = req.all_token_ids[start : start + n]
+                toks = prompt[start:end] if end <= n_prompt else (prompt + out)[start:end]
                 if PLACEHOLDER in toks:  # the engine resolves before such a step
-                    raise RuntimeError(f"request {req.request_id}: prompt rows hold an "
-                                       f"unresolved token")
-                ids[row : row + n] = toks
-                p = np.arange(start, start + n, dtype=np.int32)
-                pos[row : row + n] = p
-                slots[row : row + n] = np.asarray(table, dtype=np.int32)[p // bs] * bs + p % bs
+                    raise RuntimeError(f"request {rid}: prompt rows hold an unresolved token")
+                ids[row:row + n] = toks
+                p = np.arange(start, end, dtype=np.int32)
+                pos[row:row + n] = p
+                slots[row:row + n] = np.asarray(table, dtype=np.int32)[p // bs] * bs + p % bs
             row += n
-            seq_lens[i] = start + n
-            qlens_host.append(n)
-            seq_lens_host.append(start + n)
-            if start + n == req.num_tokens:  # caught up: this row's logits give the next token
+            seq_lens_host.append(end)
+            if end == n_prompt + len(out):  # caught up: this row's logits give the next token
                 sample_rows.append(row - 1)
                 sample_requests.append(req)
-        if graph_batch:
+        if graph_batch > num_seqs:
             # Padded rows: one query at position 0 of a 1-token context, written nowhere.
-            qlens_host = [1] * graph_batch
-        qsl = np.zeros(seqs_total + 1, dtype=np.int32)
-        if graph_batch:
-            qsl[:] = np.arange(seqs_total + 1)
+            pad = graph_batch - num_seqs
+            ids += [0] * pad
+            pos += [0] * pad
+            slots += [-1] * pad
+        seq_lens = seq_lens_host + [1] * (seqs_total - num_seqs)
+        qlens_host = [1] * graph_batch if graph_batch else lens
+        if decodes:
+            qsl = range(seqs_total + 1)
         else:
+            qsl = np.zeros(seqs_total + 1, dtype=np.int32)
             np.cumsum(lens, out=qsl[1:])
 
+        width = self.graphs.table_width if graph_batch else max_blocks
         layout = StepLayout(rows_total, seqs_total, len(sample_rows), len(fill_dst), width)
         cut = layout.slices()
         host = self._stage(layout.size)
@@ -133,7 +152,12 @@ class ModelRunner:
                             ("seq_lens", seq_lens), ("qsl", qsl), ("sample_rows", sample_rows),
                             ("fill_dst", fill_dst), ("fill_src", fill_src)):
             host[cut[name]] = value
-        host[cut["tables"]] = block_tables.reshape(-1)
+        # Row i holds sequence i's blocks, then zeros up to the widest table of the step; a
+        # graph batch's wider rows are not written past that (the backend reads a row only
+        # up to its sequence's length), nor are its padded rows past their first block.
+        tables = host[cut["tables"]].reshape(seqs_total, width)
+        tables[:num_seqs, :max_blocks] = kv.table_array.array[table_rows, :max_blocks]
+        tables[num_seqs:, :1] = 0
         src = torch.from_numpy(host[: layout.size])
         if graph_batch:
             dev = self.graphs.buffer(layout.size)

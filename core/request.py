@@ -53,15 +53,19 @@ class Request:
     # Trailing output tokens sampled on the device whose values the host has not read yet
     # (async scheduling); they stand in ``output_token_ids`` as -1 until then.
     num_pending: int = 0
+    # Read from ``params`` once, since the step loop asks every step for every request:
+    # whether sampled tokens' log-probabilities are tracked (asked for, or best_of), and
+    # whether the next token is a plain argmax (greedy, no penalty, no min_tokens ban).
+    needs_logprob: bool = field(init=False)
+    plain_greedy: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.params.logprobs is not None:
+        p = self.params
+        if p.logprobs is not None:
             self.logprobs = []
-
-    @property
-    def needs_logprob(self) -> bool:
-        """Whether sampled tokens' log-probabilities are tracked (asked for, or best_of)."""
-        return self.params.logprobs is not None or self.params.num_sequences > self.params.n
+        self.needs_logprob = p.logprobs is not None or p.num_sequences > p.n
+        self.plain_greedy = (p.greedy and p.repetition_penalty == 1.0 and p.min_tokens == 0
+                             and not (p.presence_penalty or p.frequency_penalty))
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -91,7 +91,11 @@ class Sampler:
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampledBatch:
         want_logprobs = any(r.needs_logprob for r in requests)
         # Greedy rows with nothing to adjust take one batched argmax; the rest go row by row.
-        plain = [i for i, r in enumerate(requests) if r.params.greedy and not _adjusts_logits(r)]
+        if all(r.plain_greedy for r in requests):  # the common case, decided cheaply
+            plain = requests
+        else:
+            plain = [i for i, r in enumerate(requests)
+                     if r.params.greedy and not _adjusts_logits(r)]
         if len(plain) == len(requests):
             # The argmax of half-precision logits is the argmax of their float32 copy.
             chosen = logits.argmax(dim=-1)
@@ -140,6 +144,8 @@ class Sampler:
             batch.copied.synchronize()
             self.last_wait_s = time.perf_counter() - t
         chosen = batch.host_token_ids.tolist()
+        if batch.raw_logprobs is None:  # no row tracks log-probabilities
+            return [SampledToken(token) for token in chosen]
         results = []
         for row, (req, token) in enumerate(zip(batch.requests, chosen)):
             if not req.needs_logprob:

@@ -8,7 +8,22 @@ from hypothesis import strategies as st
 from pagedllm.kv_cache import BlockPool, KVCacheManager
 
 
+def check_table_array(kv: KVCacheManager) -> None:
+    """The array the model runner reads mirrors every block table, zeros after its blocks,
+    and holds rows for live tables only."""
+    arr = kv.table_array
+    assert set(arr.row_of) == {s for s, t in kv.block_tables.items() if t}
+    assert len(set(arr.row_of.values())) == len(arr.row_of)  # no row shared
+    for seq, table in kv.block_tables.items():
+        if table:
+            row = arr.array[arr.row_of[seq]]
+            assert list(row[: len(table)]) == table and not row[len(table):].any()
+    for r in set(range(arr._next_row)) - set(arr.row_of.values()):  # released rows are zero
+        assert not arr.array[r].any()
+
+
 def check_invariants(kv: KVCacheManager) -> None:
+    check_table_array(kv)
     holders = [0] * kv.num_blocks
     for table in kv.block_tables.values():
         for b in table:
@@ -101,6 +116,7 @@ def test_bad_sizes_name_the_field(field, kwargs):
 
 # ---- sharing: fork, copy-on-write, prefix cache, swap -----------------------------------------
 def check_all_invariants(kv: KVCacheManager) -> None:
+    check_table_array(kv)
     pool = kv.pool
     holders = [0] * kv.num_blocks
     for table in kv.block_tables.values():

@@ -1,0 +1,132 @@
+"""The packed step the model runner hands the device: every field of a decode batch padded to
+a CUDA-graph size, and of an eager mixed batch, checked against the requests and their block
+tables.  The staging buffers are filled with a sentinel first, so a field the runner forgot
+to write shows up (it reuses them step after step without clearing them)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+
+from tiny_models import build_tiny_model
+
+SENTINEL = 7777
+
+
+class FakeGraphs:
+    """Stands in for ``DecodeGraphs`` on CPU: every decode batch pads to ``pad_to`` rows."""
+
+    def __init__(self, pad_to: int, table_width: int):
+        self.pad_to = pad_to
+        self.table_width = table_width
+
+    def batch_for(self, num_seqs: int) -> int:
+        return self.pad_to if num_seqs <= self.pad_to else 0
+
+    def buffer(self, size: int) -> torch.Tensor:
+        return torch.full((size,), SENTINEL, dtype=torch.int32)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-runner")
+    build_tiny_model("llama", d)
+    return str(d)
+
+
+def _engine(model_dir, **kw):
+    llm = LLM(model=model_dir, device="cpu", block_size=4, num_kv_blocks=200,
+              async_scheduling=False, **kw)
+    engine = llm.engine
+    for buf in engine.runner._staging:
+        buf.fill_(SENTINEL)
+    return engine
+
+
+def _add(engine, lengths, seed, max_tokens=30):
+    rnd = random.Random(seed)
+    for i, n in enumerate(lengths):
+        engine.add_request(f"r{seed}-{i}", {"prompt_token_ids": [rnd.randrange(3, 300)
+                                                                 for _ in range(n)]},
+                           SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+
+
+def _check_rows(engine, sched, mi, tables, width_read):
+    """Rows of the real sequences: tokens, positions, slots, lengths and tables."""
+    kv, bs = engine.kv_manager, engine.kv_manager.block_size
+    row = 0
+    for i, item in enumerate(sched.scheduled):
+        req, n = item.request, item.num_new_tokens
+        start = req.num_computed_tokens
+        table = kv.block_tables[req.request_id]
+        for j in range(n):
+            p = start + j
+            assert mi.input_ids[row + j] == req.all_token_ids[p]
+            assert mi.positions[row + j] == p
+            assert mi.metadata.slot_mapping[row + j] == table[p // bs] * bs + p % bs
+        assert mi.metadata.seq_lens[i] == start + n
+        assert tables[i, : len(table)].tolist() == table
+        assert not tables[i, len(table) : width_read].any()  # zeros up to the widest table
+        row += n
+    return row
+
+
+def test_decode_batch_padded_to_a_graph_size(model_dir):
+    engine = _engine(model_dir)
+    _add(engine, [3, 9, 17, 30, 5], seed=1)
+    engine.step()  # the prompts, in one eager step
+    width = 40
+    engine.runner.graphs = FakeGraphs(pad_to=8, table_width=width)
+    for _ in range(6):  # decode steps; some cross a block boundary and take a new block
+        sched = engine.scheduler.schedule()
+        mi = engine.runner.prepare(sched)
+        assert mi.graph_batch == 8 and mi.num_tokens == 5
+        md = mi.metadata
+        tables = md.block_tables
+        assert tables.shape == (8, width)
+        widest = max(len(engine.kv_manager.block_tables[s.request.request_id])
+                     for s in sched.scheduled)
+        assert _check_rows(engine, sched, mi, tables, widest) == 5
+        # Padded rows: token 0 at position 0 of a 1-token context, written nowhere, reading
+        # block 0 (a real block: the kernel reads its first key).
+        assert mi.input_ids[5:].tolist() == [0] * 3 and mi.positions[5:].tolist() == [0] * 3
+        assert md.slot_mapping[5:].tolist() == [-1] * 3
+        assert md.seq_lens[5:].tolist() == [1] * 3 and tables[5:, 0].tolist() == [0] * 3
+        assert md.query_start_loc.tolist() == list(range(9))
+        assert mi.sample_rows.tolist() == list(range(5))
+        assert md.query_lens_host == [1] * 8
+        # Run the step for real (eagerly: the fake has no graphs) to move on; it schedules
+        # the same batch again, nothing having changed.
+        engine.runner.graphs = None
+        engine.step()
+        engine.runner.graphs = FakeGraphs(pad_to=8, table_width=width)
+
+
+def test_mixed_prompt_and_decode_step(model_dir):
+    engine = _engine(model_dir, scheduler="chunked_prefill", max_num_batched_tokens=24)
+    _add(engine, [6, 11], seed=2)
+    engine.step()
+    engine.step()  # both decoding now (the budget took both prompts in one step)
+    _add(engine, [40, 7], seed=3)  # a long prompt, chunked, beside the decodes
+    for _ in range(4):
+        sched = engine.scheduler.schedule()
+        lens = [s.num_new_tokens for s in sched.scheduled]
+        assert any(n > 1 for n in lens) or len(lens) > 2
+        mi = engine.runner.prepare(sched)
+        assert mi.graph_batch == 0 and mi.num_tokens == sum(lens)
+        md = mi.metadata
+        widest = max(len(engine.kv_manager.block_tables[s.request.request_id])
+                     for s in sched.scheduled)
+        assert md.block_tables.shape == (len(lens), widest)
+        assert _check_rows(engine, sched, mi, md.block_tables, widest) == sum(lens)
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        assert md.query_start_loc.tolist() == starts
+        sampled = [starts[i + 1] - 1 for i, s in enumerate(sched.scheduled)
+                   if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens]
+        assert mi.sample_rows.tolist() == sampled
+        engine.step()  # schedules the same batch again (nothing changed) and runs it
