@@ -210,6 +210,54 @@ def test_negative_slots_are_not_written():
 
 
 @needs_kernels
+@pytest.mark.parametrize("split", [False, True], ids=["one-partition", "split"])
+def test_decode_only_step_writes_kv_inside_the_decode_kernel(split):
+    # Every row one new token, in batch order: the decode kernel writes the K/V (no write
+    # kernel runs), including a token that opens a block, one that fills one, and one with
+    # no context at all; outputs and cache equal the torch backend's.
+    seqs = [(150, 1), (0, 1), (15, 1), (16, 1), (47, 1)]
+    tune = dict(decode_min_partition=32, decode_programs_per_sm=10_000) if split else \
+        dict(decode_max_splits=1)
+    be, md = check_against_torch(seqs, 4, 2, 16, 16, torch.float32, seed=9, tune=tune)
+    assert (be._splits(len(seqs), 151, DEVICE) > 1) == split
+    plan = next(iter(md.__dict__["_triton_attention_plans"].values()))
+    assert plan.num_tiles == 0 and plan.decode_ids is None  # the fused-write path
+
+
+@needs_kernels
+def test_decode_only_graph_padding_writes_nothing():
+    # Padded rows of a graph batch: one token at position 0 of a 1-token context, slot -1,
+    # block table row 0.  Only the real rows' K/V may land in the cache.
+    q, k, v, cache, md = make_step([(20, 1), (3, 1)], 4, 2, 16, 4, torch.float32, DEVICE,
+                                   seed=6)
+    pad_rows = 2
+    md = AttentionMetadata(
+        slot_mapping=torch.cat([md.slot_mapping, md.slot_mapping.new_full((pad_rows,), -1)]),
+        query_start_loc=torch.arange(5, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.cat([md.seq_lens, md.seq_lens.new_ones(pad_rows)]),
+        block_tables=torch.cat([md.block_tables, md.block_tables.new_zeros(
+            (pad_rows, md.block_tables.shape[1]))]),
+        max_query_len=1, max_seq_len=64, query_lens_host=[1] * 4,
+        seq_lens_host=[64] * 4)  # as a graph batch declares them: the longest possible
+    pad = lambda t: torch.cat([t, t[:1].expand(pad_rows, *t.shape[1:]) * 100])  # noqa: E731
+    expected = cache.clone()
+    expected.view(2, -1, 2, 16)[0, md.slot_mapping[:2]] = k
+    expected.view(2, -1, 2, 16)[1, md.slot_mapping[:2]] = v
+    be = TritonAttentionBackend(4, 2, 16, 0.25)
+    be.decode_min_partition, be.decode_programs_per_sm = 16, 10_000  # split, as graphs do
+    got = be.forward(pad(q), pad(k), pad(v), cache, md)
+    assert torch.equal(cache, expected)
+    # The real rows' outputs equal the torch backend's on the unpadded step.
+    ref_cache = expected.clone()
+    ref_md = AttentionMetadata(
+        slot_mapping=md.slot_mapping[:2], query_start_loc=md.query_start_loc[:3],
+        seq_lens=md.seq_lens[:2], block_tables=md.block_tables[:2], max_query_len=1,
+        max_seq_len=21, query_lens_host=[1, 1], seq_lens_host=[21, 4])
+    want = TorchAttentionBackend(4, 2, 16, 0.25).forward(q, k, v, ref_cache, ref_md)
+    torch.testing.assert_close(got[:2], want, **TOLERANCE[torch.float32])
+
+
+@needs_kernels
 def test_auto_picks_triton():
     from pagedllm.plugin_manager import select
 

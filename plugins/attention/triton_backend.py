@@ -3,7 +3,8 @@
 It keeps the reference cache layout ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
 (``block_dim`` 1), so swapping and copying blocks work as for ``torch``.  One ``forward``:
 
-1. ``write_kv_kernel`` puts the new K/V at ``slot_mapping``;
+1. ``write_kv_kernel`` puts the new K/V at ``slot_mapping`` (a decode-only step skips it:
+   the decode kernel writes each sequence's new token itself, one launch fewer a layer);
 2. decode rows (one query token) go to the flash-decoding kernel, split over the context
    length so that small batches of long sequences still fill the GPU, then (if split) a
    reduce kernel combines the partitions;
@@ -207,16 +208,6 @@ class TritonAttentionBackend(AttentionBackend):
         dot_fp32 = k.INTERPRETED or key_cache.dtype == torch.float32
         dot = dict(DOT_FP32=dot_fp32, DOT_PRECISION="ieee" if dot_fp32 else "tf32")
 
-        # Tokens per program: about 8K elements of (kv head, dim) each.
-        kvh_pad = _next_pow2(self.num_kv_heads)
-        block_t = max(1, 8192 // (kvh_pad * self.head_dim))
-        k.write_kv_kernel[(_cdiv(key.shape[0], block_t),)](
-            key, value, key_cache, value_cache, metadata.slot_mapping, key.shape[0],
-            key.stride(0), key.stride(1), value.stride(0), value.stride(1), cb, cs, ch,
-            NUM_KV_HEADS=self.num_kv_heads, HEAD_DIM=self.head_dim, BLOCK_SIZE=block_size,
-            KVH_PAD=kvh_pad, BLOCK_T=block_t, num_warps=4,
-        )
-
         block_m, block_n, warps, stages = self._prefill_config(key_cache.dtype)
         if k.INTERPRETED:  # the interpreter's cost grows with tile size: fit it to the batch
             block_m = min(block_m, max(16, _next_pow2(metadata.max_query_len * self.group)))
@@ -227,11 +218,28 @@ class TritonAttentionBackend(AttentionBackend):
         if plan is None:
             plan = plans[block_q] = _build_plan(metadata, block_q, query.device)
 
+        # A decode-only step (every row one new token, rows in batch order: CUDA-graph
+        # steps among them) writes its K/V inside the decode kernel, one launch fewer a
+        # layer; any other step writes every new token first.
+        fused_write = plan.num_tiles == 0 and plan.decode_ids is None
+        if not fused_write:
+            # Tokens per program: about 8K elements of (kv head, dim) each.
+            kvh_pad = _next_pow2(self.num_kv_heads)
+            block_t = max(1, 8192 // (kvh_pad * self.head_dim))
+            k.write_kv_kernel[(_cdiv(key.shape[0], block_t),)](
+                key, value, key_cache, value_cache, metadata.slot_mapping, key.shape[0],
+                key.stride(0), key.stride(1), value.stride(0), value.stride(1), cb, cs, ch,
+                NUM_KV_HEADS=self.num_kv_heads, HEAD_DIM=self.head_dim,
+                BLOCK_SIZE=block_size, KVH_PAD=kvh_pad, BLOCK_T=block_t, num_warps=4,
+            )
+
         common = (metadata.block_tables, metadata.seq_lens, metadata.query_start_loc)
         strides = (query.stride(0), query.stride(1), out.stride(0), out.stride(1),
                    cb, cs, ch, metadata.block_tables.stride(0))
         if plan.num_decodes:
-            self._decode(k, query, key_cache, value_cache, out, metadata, plan, strides, dot)
+            new_kv = (key, value) if fused_write else None
+            self._decode(k, query, key_cache, value_cache, out, metadata, plan, strides, dot,
+                         new_kv)
         if plan.num_tiles:
             k.prefill_kernel[(plan.num_tiles, self.num_kv_heads)](
                 query, key_cache, value_cache, out, *common, plan.tile_seq, plan.tile_start,
@@ -242,7 +250,10 @@ class TritonAttentionBackend(AttentionBackend):
             )
         return out
 
-    def _decode(self, k, query, key_cache, value_cache, out, md, plan: _Plan, strides, dot):
+    def _decode(self, k, query, key_cache, value_cache, out, md, plan: _Plan, strides, dot,
+                new_kv: tuple[torch.Tensor, torch.Tensor] | None):
+        """``new_kv``: (key, value) of the step's tokens, for the kernel to write into the
+        cache first; None when they are already there."""
         block_n, warps, stages = self._decode_config(key_cache.dtype)
         nd = plan.num_decodes
         splits = self._splits(nd, plan.max_decode_len, query.device)
@@ -256,11 +267,14 @@ class TritonAttentionBackend(AttentionBackend):
                                  device=query.device)
         else:
             part_m = part_l = part_o = out  # unused
+        key, value = new_kv if new_kv is not None else (query, query)  # unused when None
         k.decode_kernel[(nd, self.num_kv_heads, splits)](
             query, key_cache, value_cache, out, part_o, part_m, part_l,
             md.block_tables, md.seq_lens, md.query_start_loc, ids,
+            key, value, md.slot_mapping,
             self.scale, *strides,
-            ONE_SPLIT=splits == 1, DENSE=dense, GROUP=self.group,
+            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+            ONE_SPLIT=splits == 1, DENSE=dense, WRITE_KV=new_kv is not None, GROUP=self.group,
             GROUP_PAD=max(16, _next_pow2(self.group)), HEAD_DIM=self.head_dim,
             BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n, **dot,
             num_warps=warps, num_stages=stages,

@@ -10,7 +10,8 @@ any cache with unit stride along ``head_dim`` works.
 
 Kernels:
 
-- ``write_kv_kernel``: copies each new token's K/V into its cache slot (``slot_mapping``).
+- ``write_kv_kernel``: copies each new token's K/V into its cache slot (``slot_mapping``);
+  decode-only steps leave that to ``decode_kernel`` (``WRITE_KV``).
 - ``decode_kernel``: flash-decoding.  One program = one decode sequence x one KV head x one
   partition of the context (each sequence's length split evenly over the partitions).  The program holds every query head of that KV head's GQA group
   as rows of one tile, so each K/V tile is loaded once for the whole group.  With one
@@ -68,11 +69,14 @@ def write_kv_kernel(
 def decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, seq_ids_ptr,
+    key_ptr, value_ptr, slot_ptr,
     scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
+    stride_kt, stride_kh, stride_vt, stride_vh,
     ONE_SPLIT: tl.constexpr,  # one partition per sequence (grid axis 2): write final output
     DENSE: tl.constexpr,  # decode i is batch row i (no seq_ids map)
+    WRITE_KV: tl.constexpr,  # write the new token's K/V first (instead of write_kv_kernel)
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -94,6 +98,21 @@ def decode_kernel(
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
+    if WRITE_KV:
+        # The one program whose partition holds the new token (the sequence's last) puts
+        # its K/V in the cache, then reads them back with the rest: a decode-only step
+        # needs no write kernel of its own.  A negative slot (graph padding) writes nothing.
+        last = seq_len - 1
+        if (start <= last) & (last < end):
+            slot = tl.load(slot_ptr + tok).to(tl.int64)
+            if slot >= 0:
+                dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
+                    + kv_head * stride_ch + d
+                tl.store(k_cache_ptr + dst, tl.load(key_ptr + tok * stride_kt
+                                                    + kv_head * stride_kh + d))
+                tl.store(v_cache_ptr + dst, tl.load(value_ptr + tok * stride_vt
+                                                    + kv_head * stride_vh + d))
+            tl.debug_barrier()  # the whole program sees the stores before the loads below
     heads = kv_head * GROUP + g
     row_ok = g < GROUP
     q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
