@@ -271,10 +271,10 @@ class TritonAttentionBackend(AttentionBackend):
         k.decode_kernel[(nd, self.num_kv_heads, splits)](
             query, key_cache, value_cache, out, part_o, part_m, part_l,
             md.block_tables, md.seq_lens, md.query_start_loc, ids,
-            key, value, md.slot_mapping,
+            key, value, md.slot_mapping, int(new_kv is not None),
             self.scale, *strides,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-            ONE_SPLIT=splits == 1, DENSE=dense, WRITE_KV=new_kv is not None, GROUP=self.group,
+            ONE_SPLIT=splits == 1, DENSE=dense, GROUP=self.group,
             GROUP_PAD=max(16, _next_pow2(self.group)), HEAD_DIM=self.head_dim,
             BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n, **dot,
             num_warps=warps, num_stages=stages,

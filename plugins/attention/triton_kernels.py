@@ -11,7 +11,7 @@ any cache with unit stride along ``head_dim`` works.
 Kernels:
 
 - ``write_kv_kernel``: copies each new token's K/V into its cache slot (``slot_mapping``);
-  decode-only steps leave that to ``decode_kernel`` (``WRITE_KV``).
+  decode-only steps leave that to ``decode_kernel`` (its ``write_kv`` flag).
 - ``decode_kernel``: flash-decoding.  One program = one decode sequence x one KV head x one
   partition of the context (each sequence's length split evenly over the partitions).  The program holds every query head of that KV head's GQA group
   as rows of one tile, so each K/V tile is loaded once for the whole group.  With one
@@ -65,18 +65,21 @@ def write_kv_kernel(
     tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "write_kv"])
 def decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, seq_ids_ptr,
     key_ptr, value_ptr, slot_ptr,
+    # 1: write the new token's K/V first (decode-only steps, instead of write_kv_kernel).
+    # A runtime flag, not a constexpr: a second compiled variant would first be needed at
+    # a running engine's first mixed step and stall it for the compile (W1 lost 0.6 s so).
+    write_kv,
     scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     stride_kt, stride_kh, stride_vt, stride_vh,
     ONE_SPLIT: tl.constexpr,  # one partition per sequence (grid axis 2): write final output
     DENSE: tl.constexpr,  # decode i is batch row i (no seq_ids map)
-    WRITE_KV: tl.constexpr,  # write the new token's K/V first (instead of write_kv_kernel)
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -98,7 +101,7 @@ def decode_kernel(
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
-    if WRITE_KV:
+    if write_kv != 0:
         # The one program whose partition holds the new token (the sequence's last) puts
         # its K/V in the cache, then reads them back with the rest: a decode-only step
         # needs no write kernel of its own.  A negative slot (graph padding) writes nothing.

@@ -143,6 +143,12 @@ def silu_and_mul(gate_up: torch.Tensor, force: bool = False) -> torch.Tensor:
 # H100 it lost to cuBLAS by 3-4x at four rows (``bench gemv --rows 1,4``), so only one row
 # takes it.
 GEMV_MAX_ROWS = 1
+# Past about 16M weight elements (32 MiB in bf16) cuBLAS streams a one-row product as fast or
+# faster: on the H200 (``bench gemv --rows 1``, 2026-12-01) the GEMV won on every Qwen3-0.6B
+# layer (3.8 vs 12.6 us for o_proj) and on Llama-8B's o_proj (4096 x 4096: 11.9 vs 12.5 us),
+# but lost on its qkv (16.9 vs 15.5), gate_up (61.8 vs 57.0), down with SiLU (35.9 vs
+# cuBLAS plus the SiLU kernel, 32.9) and lm_head (254 vs 246).
+GEMV_MAX_WEIGHT_ELEMENTS = 4096 * 4096
 # The RMSNorm prologue makes every program read the whole input row twice (from L2); that
 # pays at hidden sizes to 2048 (Qwen3-0.6B: -1.2 us a fused pair) and costs at 4096 (Llama 8B:
 # +5 us), where the norm stays a kernel of its own.
@@ -170,7 +176,8 @@ def gemv_config(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
 
 
 def _gemv_applies(x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x2.shape[0] <= GEMV_MAX_ROWS and weight.dtype in _GEMV_DTYPES
+    return (x2.shape[0] <= GEMV_MAX_ROWS and weight.numel() <= GEMV_MAX_WEIGHT_ELEMENTS
+            and weight.dtype in _GEMV_DTYPES
             and x2.dtype == weight.dtype and weight.stride(-1) == 1 and use_fused(x2))
 
 
