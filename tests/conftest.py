@@ -29,6 +29,17 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """The seeded random tiny Llama checkpoint (``tiny_models``), built once per session;
+    tests only read it."""
+    from tiny_models import build_tiny_model
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model("llama", d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
 def smollm2_path():
     from pagedllm.loader.default_model import resolve_default_model
 

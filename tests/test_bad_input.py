@@ -9,14 +9,11 @@ from pagedllm import LLM, InvalidRequestError, SamplingParams
 from pagedllm.loader.errors import ModelLoadError
 from pagedllm.plugin_manager import PluginError
 
-from tiny_models import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    build_tiny_model("llama", d)
-    return d
+def tiny_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 
-from tiny_models import build_tiny_model
 
 SENTINEL = 7777
 
@@ -31,10 +30,8 @@ class FakeGraphs:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-runner")
-    build_tiny_model("llama", d)
-    return str(d)
+def model_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 def _engine(model_dir, **kw):

@@ -8,16 +8,13 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 
-from tiny_models import build_tiny_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("llama")
-    build_tiny_model("llama", d)
-    return str(d)
+def model_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 def make(model_dir, **kw):
