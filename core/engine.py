@@ -16,7 +16,7 @@ from pagedllm.loader import load_checkpoint
 from pagedllm.model_runner import PLACEHOLDER, ModelRunner
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.plugin_manager import get_registry, select
-from pagedllm.request import Request, RequestGroup, RequestStatus
+from pagedllm.request import Request, RequestGroup
 from pagedllm.sampler import SampledBatch, Sampler
 from pagedllm.sampling_params import InvalidRequestError, SamplingParams
 from pagedllm.scheduler import SchedulerConfig
@@ -368,7 +368,6 @@ class LLMEngine:
         caching = self.kv_manager.enable_prefix_caching
         cached_keys = self.kv_manager.num_cached_blocks
         bs = self.kv_manager.block_size
-        finished = RequestStatus.FINISHED
         for item in sched.scheduled:
             req = item.request
             computed = req.num_computed_tokens = req.num_computed_tokens + item.num_new_tokens
@@ -377,16 +376,15 @@ class LLMEngine:
             if caching:
                 # Full blocks whose tokens are all known (not awaiting the device) are
                 # registered for prefix caching, once each.
-                known = min(computed, len(req.prompt_token_ids) + len(req.output_token_ids)
-                            - req.num_pending)
-                if known // bs > cached_keys(req.request_id) and req.status is not finished:
+                known = min(computed, req.num_tokens - req.num_pending)
+                if known // bs > cached_keys(req.request_id) and not req.is_finished:
                     self.kv_manager.cache_full_blocks(req.request_id, req.all_token_ids, known,
                                                       req.cache_key)
         outputs = self._resolve(final_only) if pending is not None else []
         requests, rows = [], []
         same_rows = True  # the logits' rows are the requests' rows, one each
         for row, req in enumerate(model_input.sample_requests):
-            if req.status is finished:  # it stopped on the token just resolved
+            if req.is_finished:  # it stopped on the token just resolved
                 same_rows = False
                 continue
             requests.append(req)
@@ -408,7 +406,7 @@ class LLMEngine:
             indices.append(len(out))
             out.append(PLACEHOLDER)
             req.num_pending += 1
-            if len(out) >= req.max_tokens or len(req.prompt_token_ids) + len(out) >= max_len:
+            if len(out) >= req.max_tokens or req.num_tokens >= max_len:
                 self.scheduler.finish(req, "length")
         self._pending = _PendingStep(batch, {r.request_id: i for i, r in enumerate(requests)},
                                      indices)

@@ -231,7 +231,7 @@ class KVCacheManager:
             pool = self.pool
             if max(0, new_blocks) + len(shared) > pool.num_free:
                 return False
-            changed_from = min(shared[0] if shared else len(table), len(table))
+            changed_from = shared[0] if shared else len(table)  # first entry rewritten
             for i in shared:
                 old = table[i]
                 new = pool.allocate()

@@ -102,10 +102,8 @@ class ModelRunner:
             table_rows.append(row_of[rid])
             if len(table) > max_blocks:
                 max_blocks = len(table)
-            prompt, out = req.prompt_token_ids, req.output_token_ids
-            n_prompt = len(prompt)
             if n == 1:
-                tok = prompt[start] if start < n_prompt else out[start - n_prompt]
+                tok = req.token_id_at(start)
                 if tok == PLACEHOLDER:
                     fill_dst.append(row)
                     fill_src.append(prev_rows[rid])
@@ -118,7 +116,7 @@ class ModelRunner:
                 else:
                     ids[row], pos[row], slots[row] = tok, start, slot
             else:
-                toks = prompt[start:end] if end <= n_prompt else (prompt + out)[start:end]
+                toks = req.all_token_ids[start:end]
                 if PLACEHOLDER in toks:  # the engine resolves before such a step
                     raise RuntimeError(f"request {rid}: prompt rows hold an unresolved token")
                 ids[row:row + n] = toks
@@ -127,7 +125,7 @@ class ModelRunner:
                 slots[row:row + n] = np.asarray(table, dtype=np.int32)[p // bs] * bs + p % bs
             row += n
             seq_lens_host.append(end)
-            if end == n_prompt + len(out):  # caught up: this row's logits give the next token
+            if end == req.num_tokens:  # caught up: this row's logits give the next token
                 sample_rows.append(row - 1)
                 sample_requests.append(req)
         if graph_batch > num_seqs:

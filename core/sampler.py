@@ -92,7 +92,7 @@ class Sampler:
         want_logprobs = any(r.needs_logprob for r in requests)
         # Greedy rows with nothing to adjust take one batched argmax; the rest go row by row.
         if all(r.plain_greedy for r in requests):  # the common case, decided cheaply
-            plain = requests
+            plain = list(range(len(requests)))
         else:
             plain = [i for i, r in enumerate(requests)
                      if r.params.greedy and not _adjusts_logits(r)]
