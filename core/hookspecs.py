@@ -53,8 +53,10 @@ def register_attention_backends() -> list[type[AttentionBackend]]:
       the device tensors of ``metadata`` hold, reading the host lists only for their length
       and ``max_seq_len``: no host syncs, no allocations sized from data.  The engine then
       captures decode steps in CUDA graphs with the metadata's tensors as static buffers,
-      padded rows carrying ``seq_lens`` 1, block table row 0 and ``slot_mapping`` -1 (write
-      nothing), and replays them with only the tensors' contents changed.
+      padded rows carrying ``seq_lens`` 1, block 0 first in their table row and
+      ``slot_mapping`` -1 (write nothing), and replays them with only the tensors' contents
+      changed.  A graph batch's block-table rows are wider than any table; entries past the
+      step's widest table are unspecified, so a row is read only up to its sequence's length.
 
     Every backend must pass ``tests/test_attention_conformance.py`` against the ``torch``
     reference backend.
