@@ -115,13 +115,18 @@ def test_triton_rotary_with_qk_norm_matches_norm_then_rotary(dtype):
 def _linear_close(got, want, dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    else:  # one rounding of a float32 sum, in another order than cuBLAS's
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    else:  # one rounding of a float32 sum, in another order than cuBLAS's; the
+        # interpreter truncates the prologue's bf16 intermediates instead of rounding them
+        atol = 4e-2 if INTERPRET and not CUDA else 2e-2
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 4])
-@pytest.mark.parametrize("n,k,bias", [(24, 64, False), (37, 80, True)])
+# One tile (64, 80), an even tiled K (256 in the interpreter's 64 tiles), and on the GPU
+# too a deep K in uneven 1024 tiles (4160).
+@pytest.mark.parametrize("n,k,bias", [(24, 64, False), (37, 80, True), (16, 256, False),
+                                      (8, 4160, True)])
 def test_triton_gemv_matches_linear(dtype, rows, n, k, bias):
     gen = torch.Generator().manual_seed(rows * n + k)
     x = torch.randn(rows, k, generator=gen).to(DEVICE, dtype)
@@ -139,9 +144,10 @@ def test_triton_gemv_matches_linear(dtype, rows, n, k, bias):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2])
-def test_triton_gemv_with_silu_mul_prologue(dtype, rows):
-    gen = torch.Generator().manual_seed(rows)
-    n, k = 40, 96
+@pytest.mark.parametrize("k", [96, 192])  # one tile; tiles
+def test_triton_gemv_with_silu_mul_prologue(dtype, rows, k):
+    gen = torch.Generator().manual_seed(rows + k)
+    n = 40
     gate_up = (2 * torch.randn(rows, 2 * k, generator=gen)).to(DEVICE, dtype)
     w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
     b = torch.randn(n, generator=gen).to(DEVICE, dtype)
@@ -171,9 +177,11 @@ def test_gemv_only_takes_few_row_half_precision_products_on_cuda():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_triton_gemv_with_rms_norm_prologue(dtype, rows, with_residual):
-    gen = torch.Generator().manual_seed(10 * rows + with_residual)
-    n, k = 36, 160  # K not a multiple of the interpreter's tile: the masked tail is used
+# 96: one tile; 160: not a multiple of the interpreter's tile, so the masked tail is used.
+@pytest.mark.parametrize("k", [96, 160])
+def test_triton_gemv_with_rms_norm_prologue(dtype, rows, with_residual, k):
+    gen = torch.Generator().manual_seed(10 * rows + with_residual + k)
+    n = 36
     x = (3 * torch.randn(rows, k, generator=gen)).to(DEVICE, dtype)
     r = torch.randn(rows, k, generator=gen).to(DEVICE, dtype) if with_residual else None
     norm_w = (1 + 0.2 * torch.randn(k, generator=gen)).to(DEVICE, dtype)

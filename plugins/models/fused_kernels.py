@@ -9,17 +9,29 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (pagedllm.dependent_launch); absent in old Tritons
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # USE_PDL is then never set, and the names are never compiled
+    gdc_launch_dependents = gdc_wait = None
+
+# Every kernel takes USE_PDL: launched with PDL, it waits for its predecessor before it
+# reads or writes activations (weights may be read before), then lets its successor start.
+
 
 @triton.jit
 def rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, dim,
     stride_x, stride_r, stride_o, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
     dtype = out_ptr.dtype.element_ty
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
@@ -28,7 +40,6 @@ def rms_norm_kernel(
         x = s.to(tl.float32)
     var = tl.sum(x * x, axis=0) / dim
     h = (x * tl.math.rsqrt(var + eps)).to(dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (w * h).to(dtype), mask=mask)
 
 
@@ -61,13 +72,16 @@ def rotary_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, eps,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
     NQ: tl.constexpr, NK: tl.constexpr, NQ_PAD: tl.constexpr, NK_PAD: tl.constexpr,
-    HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+    HALF: tl.constexpr, HAS_NORM: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Rotates token t's q and k heads in place by its row of the step's cos/sin tables
     ([tokens, 2 * HALF] float32, the two halves equal), which torch computed once per step
     exactly as the reference computes them, rather than once per layer here."""
     t = tl.program_id(0).to(tl.int64)
     f = tl.arange(0, HALF)
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     cos = tl.load(cos_ptr + t * stride_ct + f).to(tl.float32)[None, :]
     sin = tl.load(sin_ptr + t * stride_ct + f).to(tl.float32)[None, :]
     hq = tl.arange(0, NQ_PAD)[:, None]
@@ -79,9 +93,13 @@ def rotary_kernel(
 
 
 @triton.jit
-def silu_and_mul_kernel(x_ptr, out_ptr, n, stride_x, stride_o, BLOCK: tl.constexpr):
+def silu_and_mul_kernel(x_ptr, out_ptr, n, stride_x, stride_o, BLOCK: tl.constexpr,
+                        USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     mask = cols < n
     dtype = out_ptr.dtype.element_ty
     g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -102,22 +120,43 @@ def _gemv_input(x_rows, r_rows, rk, mask, NORM_RES: tl.constexpr, dtype):
 
 
 @triton.jit
+def _gemv_prologue(x, x_rows, rk, x_mask, norm_w_ptr, scale, K, SILU_MUL: tl.constexpr,
+                   NORM: tl.constexpr, dtype):
+    """The product's input chunk from the loaded chunk x: silu(gate) * up, or the norm."""
+    if SILU_MUL:
+        u = tl.load(x_rows + K + rk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        s = (x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32)
+        x = (s * u).to(dtype).to(tl.float32)
+    if NORM:
+        h = (x * scale).to(dtype).to(tl.float32)
+        nw = tl.load(norm_w_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+        x = (nw * h).to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
 def gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     norm_w_ptr, r_ptr, r_out_ptr, stride_rm, eps,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
-    NORM_RES: tl.constexpr, EVEN_K: tl.constexpr,
+    NORM_RES: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for a few rows M: each program streams
     BLOCK_N rows of the weight once and serves every row of x with them.
+
+    The weight's next tile is always in flight while the current one is multiplied, and
+    the first is requested before the PDL wait, so it streams in while the previous kernel
+    finishes.  ONE_TILE (BLOCK_K >= K): the program's whole weight slab is that one tile.
 
     SILU_MUL: x holds [gate | up] (2K wide) and the input is silu(gate) * up, computed
     on the fly (rounded as ``silu_and_mul_kernel`` rounds it) instead of by its own kernel.
     NORM: the input is RMSNorm(x) with weight ``norm_w`` (rounded as ``rms_norm_kernel``
     rounds it); with NORM_RES, RMSNorm(x + r), and program 0 also writes x + r to r_out
-    (the residual stream).  Every program computes the row's variance itself in a first
-    pass over x (a few KiB from L2): cheaper than a kernel of its own at decode.
+    (the residual stream).  Every program computes the row's variance itself (from the one
+    tile, or in a first pass over x, a few KiB from L2): cheaper than a kernel of its own
+    at decode.
     """
     pid = tl.program_id(0)
     dtype = out_ptr.dtype.element_ty
@@ -128,38 +167,55 @@ def gemv_kernel(
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     r_rows = r_ptr + rm.to(tl.int64)[:, None] * stride_rm
-    if NORM:
-        sumsq = tl.zeros([M_PAD], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            mask = m_mask[:, None] & (rk < K)[None, :]
-            x = _gemv_input(x_rows, r_rows, rk, mask, NORM_RES, dtype)
+    rk = tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None], other=0.0)
+    else:
+        w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    if ONE_TILE:
+        x_mask = m_mask[:, None] & (rk < K)[None, :]
+        x = _gemv_input(x_rows, r_rows, rk, x_mask, NORM_RES, dtype)
+        scale = 1.0
+        if NORM:
             if NORM_RES:
                 if pid == 0:
                     r_out = r_out_ptr + rm.to(tl.int64)[:, None] * stride_rm + rk[None, :]
-                    tl.store(r_out, x.to(dtype), mask=mask)
-            sumsq += tl.sum(x * x, axis=1)
-        scale = tl.math.rsqrt(sumsq / K + eps)[:, None]
-    acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None], other=0.0)
-            x_mask = m_mask[:, None]
-        else:
-            w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :],
-                        other=0.0)
-            x_mask = m_mask[:, None] & (rk < K)[None, :]
-        x = _gemv_input(x_rows, r_rows, rk, x_mask, NORM_RES, dtype)
-        if SILU_MUL:
-            u = tl.load(x_rows + K + rk[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            s = (x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32)
-            x = (s * u).to(dtype).to(tl.float32)
+                    tl.store(r_out, x.to(dtype), mask=x_mask)
+            scale = tl.math.rsqrt(tl.sum(x * x, axis=1) / K + eps)[:, None]
+        x = _gemv_prologue(x, x_rows, rk, x_mask, norm_w_ptr, scale, K, SILU_MUL, NORM, dtype)
+        acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    else:
+        scale = 1.0
         if NORM:
-            h = (x * scale).to(dtype).to(tl.float32)
-            nw = tl.load(norm_w_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
-            x = (nw * h).to(dtype).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            sumsq = tl.zeros([M_PAD], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                mask = m_mask[:, None] & (rk < K)[None, :]
+                x = _gemv_input(x_rows, r_rows, rk, mask, NORM_RES, dtype)
+                if NORM_RES:
+                    if pid == 0:
+                        r_out = r_out_ptr + rm.to(tl.int64)[:, None] * stride_rm + rk[None, :]
+                        tl.store(r_out, x.to(dtype), mask=mask)
+                sumsq += tl.sum(x * x, axis=1)
+            scale = tl.math.rsqrt(sumsq / K + eps)[:, None]
+        acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            rk_next = rk + BLOCK_K  # past K on the last tile: a load of nothing
+            w_next = tl.load(w_rows + rk_next[None, :],
+                             mask=n_mask[:, None] & (rk_next < K)[None, :], other=0.0)
+            if EVEN_K:
+                x_mask = m_mask[:, None]
+            else:
+                x_mask = m_mask[:, None] & (rk < K)[None, :]
+            x = _gemv_input(x_rows, r_rows, rk, x_mask, NORM_RES, dtype)
+            x = _gemv_prologue(x, x_rows, rk, x_mask, norm_w_ptr, scale, K, SILU_MUL, NORM,
+                               dtype)
+            acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            w = w_next
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]

@@ -18,6 +18,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from pagedllm.dependent_launch import pdl_enabled
+
 
 @functools.cache
 def _kernels():
@@ -36,6 +38,12 @@ def use_fused(x: torch.Tensor) -> bool:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _pdl(x: torch.Tensor) -> dict:
+    """The launch arguments for programmatic dependent launch (see dependent_launch)."""
+    on = pdl_enabled(x.device)
+    return {"USE_PDL": on, "launch_pdl": on}
 
 
 # ---- RMSNorm --------------------------------------------------------------------------------
@@ -74,7 +82,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         k.rms_norm_kernel[(rows,)](
             x2, r2, weight, out, res_out if res_out is not None else out, dim,
             x2.stride(0), r2.stride(0), out.stride(0), eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=_next_pow2(dim), num_warps=4)
+            HAS_RESIDUAL=residual is not None, BLOCK=_next_pow2(dim), **_pdl(x2), num_warps=4)
     return out.view(shape), (res_out.view(shape) if res_out is not None else None)
 
 
@@ -115,7 +123,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.
             q, k, cos, sin, q_w, k_w, eps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
             NQ=nq, NK=nk, NQ_PAD=_next_pow2(nq), NK_PAD=_next_pow2(nk), HALF=d // 2,
-            HAS_NORM=qk_norm is not None, num_warps=4)
+            HAS_NORM=qk_norm is not None, **_pdl(q), num_warps=4)
     return q, k
 
 
@@ -131,7 +139,7 @@ def silu_and_mul(gate_up: torch.Tensor, force: bool = False) -> torch.Tensor:
     block = min(1024, _next_pow2(n))
     if x.shape[0]:
         kern.silu_and_mul_kernel[(x.shape[0], -(-n // block))](
-            x, out, n, x.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+            x, out, n, x.stride(0), out.stride(0), BLOCK=block, **_pdl(x), num_warps=4)
     return out.view(*gate_up.shape[:-1], n)
 
 
@@ -156,13 +164,20 @@ NORM_PROLOGUE_MAX_K = 2048
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
+# A program's weight slab up to this many elements is one tile (``ONE_TILE``): all of it is
+# requested at once, before the PDL wait, and a norm prologue reads x once.
+ONE_TILE_MAX_ELEMENTS = 16384
+
+
 def gemv_config(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [m_pad, k] x [n, k]^T product.
 
-    From ``python -m pagedllm.bench.gemv --sweep`` on an H100 at one row: long K tiles
-    (1024), two weight rows a program unless the weight is wide (many programs already) or
-    square-and-deep, eight for the very deep down_proj of 8B models.  The [m_pad, BLOCK_N,
-    BLOCK_K] product tile is capped so that more rows shorten K rather than spill registers.
+    From ``python -m pagedllm.bench.gemv --sweep`` on an H100 at one row: two weight rows a
+    program unless the weight is wide (many programs already) or square-and-deep, eight for
+    the very deep down_proj of 8B models.  A slab of at most ``ONE_TILE_MAX_ELEMENTS`` is
+    one tile (eight warps past 8K elements, so it stays in registers); longer K runs in
+    tiles of 1024, the [m_pad, BLOCK_N, BLOCK_K] product tile capped so that more rows
+    shorten K rather than spill registers.
     """
     if k >= 8192:
         block_n = 8
@@ -170,6 +185,9 @@ def gemv_config(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
         block_n = 4
     else:
         block_n = 2
+    one_tile = block_n * m_pad * _next_pow2(k)
+    if one_tile <= ONE_TILE_MAX_ELEMENTS:
+        return block_n, _next_pow2(k), 8 if one_tile > 8192 else 4, 1
     budget = 8192 if block_n == 8 else 4096
     block_k = min(1024, _next_pow2(k), max(128, budget // (block_n * m_pad)))
     return block_n, block_k, 4, 2 if n >= 8192 else 4
@@ -195,7 +213,7 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
     m_pad = _next_pow2(m)
     block_n, block_k, warps, stages = config or gemv_config(n, k, m_pad)
     if interpreted:  # the interpreter's cost grows with tile size
-        block_k = min(block_k, 64)
+        block_k = min(block_k, max(64, _next_pow2(k) if k <= 128 else 64))
     norm_w, eps = norm if norm is not None else (weight, 0.0)
     r = residual if residual is not None else x2
     _kernels().gemv_kernel[(-(-n // block_n),)](
@@ -203,8 +221,9 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
         x2.stride(0), weight.stride(0), out.stride(0),
         norm_w, r, r_out if r_out is not None else out, r.stride(0), eps,
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None,
-        NORM_RES=residual is not None, EVEN_K=k % block_k == 0,
-        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        NORM_RES=residual is not None, EVEN_K=k % block_k == 0, ONE_TILE=block_k >= k,
+        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(x2), num_warps=warps,
+        num_stages=stages)
     return out, r_out
 
 
