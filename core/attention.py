@@ -38,6 +38,24 @@ class AttentionMetadata:
         return len(self.seq_lens_host)
 
 
+@dataclass
+class RotaryInputs:
+    """What a backend that fuses the rotary embedding needs to apply it (``fuses_rotary``).
+
+    Row t of ``cos``/``sin`` ([num_tokens, head_dim] float32, the two halves equal) holds
+    token t's table, rounded to the activation dtype as the reference rounds it; the
+    rotation is ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``, each
+    product and the sum rounded to the activation dtype.  With ``q_norm``/``k_norm``
+    (Qwen3), each head is first RMS-normalised over head_dim (``eps``) and scaled by them.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    eps: float = 0.0
+
+
 class AttentionBackend(ABC):
     """One layer's attention over the paged KV cache."""
 
@@ -66,6 +84,11 @@ class AttentionBackend(ABC):
         num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
     ) -> tuple[int, ...]: ...
 
+    def fuses_rotary(self, metadata: AttentionMetadata) -> bool:
+        """Whether ``forward`` applies the rotary embedding itself in this step (see the
+        hook spec); then the model passes q and k unrotated, with ``rotary=``."""
+        return False
+
     @abstractmethod
     def forward(
         self,
@@ -74,5 +97,7 @@ class AttentionBackend(ABC):
         value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
+        # Given only in steps where fuses_rotary(metadata) said True.
+        rotary: RotaryInputs | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...

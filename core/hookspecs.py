@@ -57,6 +57,13 @@ def register_attention_backends() -> list[type[AttentionBackend]]:
       ``slot_mapping`` -1 (write nothing), and replays them with only the tensors' contents
       changed.  A graph batch's block-table rows are wider than any table; entries past the
       step's widest table are unspecified, so a row is read only up to its sequence's length.
+    - ``fuses_rotary(metadata) -> bool`` (optional; the base class says False): True for a
+      step means the model hands ``forward`` q and k *before* the rotary embedding, plus
+      ``rotary=RotaryInputs(...)`` (the step's cos/sin rows and Qwen3's q/k norms), and
+      ``forward`` must apply them exactly as ``RotaryInputs`` defines, to the queries and to
+      the keys it caches.  It lets a backend fold the rotation into its own kernels (the
+      ``triton`` backend does at decode: one launch a layer fewer).  The answer may depend
+      on the step's layout but, under ``cuda_graph_decode``, not on the device tensors.
 
     Every backend must pass ``tests/test_attention_conformance.py`` against the ``torch``
     reference backend.

@@ -224,6 +224,76 @@ def test_decode_only_step_writes_kv_inside_the_decode_kernel(split):
     assert plan.num_tiles == 0 and plan.decode_ids is None  # the fused-write path
 
 
+def check_fused_rotary(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed,
+                       qk_norm: bool, tune=None, device=DEVICE, repeats=2):
+    """A decode-only step given unrotated q/k and ``rotary=``: the output and cache equal
+    rotating first (the model's own rotary op, torch path) and then the torch backend.
+    The same backend runs the step ``repeats`` times on fresh caches, so a combine counter
+    left dirty by one step would show in the next."""
+    from pagedllm.attention import RotaryInputs
+    from pagedllm.plugins.models import fused_ops
+    from pagedllm.plugins.models.rope import RotaryEmbedding
+
+    q, k, v, cache, md = make_step(seqs, num_heads, num_kv_heads, head_dim, block_size,
+                                   dtype, device, seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    rope = RotaryEmbedding(head_dim, {"rope_theta": 10000.0, "rope_type": "default"})
+    positions = md.seq_lens.long() - 1
+    norm = None
+    if qk_norm:
+        w = lambda: (1 + 0.3 * torch.randn(head_dim, generator=gen, device=device)).to(dtype)  # noqa: E731
+        norm = (w(), w(), 1e-6)
+    scale = head_dim**-0.5
+    ref_q, ref_k = fused_ops.rotary(q.cpu(), k.cpu(), tuple(
+        t.cpu() for t in rope.cos_sin(positions, dtype)),
+        qk_norm=None if norm is None else tuple(
+            t.cpu() if torch.is_tensor(t) else t for t in norm))
+    ref_cache = cache.cpu().clone()
+    want = TorchAttentionBackend(num_heads, num_kv_heads, head_dim, scale).forward(
+        ref_q, ref_k, v.cpu(), ref_cache, AttentionMetadata(
+            slot_mapping=md.slot_mapping.cpu(), query_start_loc=md.query_start_loc.cpu(),
+            seq_lens=md.seq_lens.cpu(), block_tables=md.block_tables.cpu(),
+            max_query_len=1, max_seq_len=md.max_seq_len,
+            query_lens_host=md.query_lens_host, seq_lens_host=md.seq_lens_host))
+    be = TritonAttentionBackend(num_heads, num_kv_heads, head_dim, scale)
+    for name, value in (tune or {}).items():
+        setattr(be, name, value)
+    assert be.fuses_rotary(md)
+    cos, sin = rope.cos_sin(positions, dtype, as_float32=True)
+    fused = RotaryInputs(cos.reshape(len(seqs), -1), sin.reshape(len(seqs), -1),
+                         *(norm or (None, None, 0.0)))
+    for _ in range(repeats):
+        got_cache = cache.clone()
+        got = be.forward(q.clone(), k.clone(), v, got_cache, md, rotary=fused)
+        tol = TOLERANCE[dtype]
+        torch.testing.assert_close(got.cpu().float(), want.float(), **tol)
+        # Rotated keys: one rounding of the same float32 math (the norm's sum in another
+        # order), so equal in fp32 and within an ulp in bf16.
+        torch.testing.assert_close(got_cache.cpu().float(), ref_cache.float(),
+                                   **(dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32
+                                      else dict(atol=2e-2, rtol=1e-2)))
+    return be
+
+
+@needs_kernels
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "rope+qk-norm"])
+@pytest.mark.parametrize("split", [False, True], ids=["one-partition", "split"])
+def test_decode_only_step_applies_rotary_inside_the_decode_kernel(split, qk_norm):
+    seqs = [(150, 1), (0, 1), (15, 1), (16, 1), (47, 1)]
+    tune = dict(decode_min_partition=32, decode_programs_per_sm=10_000) if split else \
+        dict(decode_max_splits=1)
+    be = check_fused_rotary(seqs, 4, 2, 16, 16, torch.float32, seed=12 + qk_norm,
+                            qk_norm=qk_norm, tune=tune)
+    assert (be._splits(len(seqs), 151, DEVICE) > 1) == split
+
+
+@needs_kernels
+def test_fused_rotary_is_declined_for_mixed_steps():
+    _, _, _, _, md = make_step(mixed_seqs(4), 4, 2, 16, 4, torch.float32, DEVICE, seed=1)
+    assert not TritonAttentionBackend(4, 2, 16, 0.25).fuses_rotary(md)
+    assert not TorchAttentionBackend(4, 2, 16, 0.25).fuses_rotary(md)
+
+
 @needs_kernels
 def test_decode_only_graph_padding_writes_nothing():
     # Padded rows of a graph batch: one token at position 0 of a 1-token context, slot -1,
@@ -397,6 +467,19 @@ def test_gpu_split_decode_matches_torch(batch):
                                 device=torch.device("cuda"), reference_fp32=True)
     if batch == 1:
         assert be._splits(1, seqs[0][0] + 1, torch.device("cuda")) > 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 5, 64])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "rope+qk-norm"])
+def test_gpu_fused_rotary_decode_matches_torch(batch, qk_norm):
+    # Real shapes (Qwen3-0.6B's 16/8 heads of 128), lengths from 1 to 4k, the split
+    # counts the backend picks (66 at batch 1 on an H200), and several steps on one
+    # backend: the combine counters must come back to zero every time.
+    rng = random.Random(batch)
+    seqs = [(rng.choice([0, 1, 63, 64, 200, rng.randrange(4096)]), 1) for _ in range(batch)]
+    check_fused_rotary(seqs, 16, 8, 128, 16, torch.bfloat16, seed=batch, qk_norm=qk_norm,
+                       device=torch.device("cuda"), repeats=4)
 
 
 @pytest.mark.gpu

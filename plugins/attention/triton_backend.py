@@ -6,8 +6,9 @@ It keeps the reference cache layout ``[2, num_blocks, block_size, num_kv_heads, 
 1. ``write_kv_kernel`` puts the new K/V at ``slot_mapping`` (a decode-only step skips it:
    the decode kernel writes each sequence's new token itself, one launch fewer a layer);
 2. decode rows (one query token) go to the flash-decoding kernel, split over the context
-   length so that small batches of long sequences still fill the GPU, then (if split) a
-   reduce kernel combines the partitions;
+   length so that small batches of long sequences still fill the GPU; the last partition
+   of each sequence to finish combines them.  In a decode-only step the kernel also applies
+   the rotary embedding (``fuses_rotary``), so a decoding layer's attention is one launch;
 3. every other row (prompts, prompt chunks, prefix-cache hits, several tokens at a time) goes
    to the causal flash-attention prefill kernel.
 
@@ -30,10 +31,12 @@ from types import ModuleType
 import torch
 
 from pagedllm import hookimpl
-from pagedllm.attention import AttentionBackend, AttentionMetadata
+from pagedllm.attention import AttentionBackend, AttentionMetadata, RotaryInputs
+from pagedllm.dependent_launch import pdl_enabled
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PLAN_ATTR = "_triton_attention_plans"  # per-step launch plans, cached on the metadata
+_DECODE_ONLY_ATTR = "_triton_decode_only"
 
 
 def interpreting() -> bool:
@@ -58,6 +61,15 @@ def _next_pow2(n: int) -> int:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _decode_only(md: AttentionMetadata) -> bool:
+    """Every row of the step is one decode token (cached on the step's metadata)."""
+    only = md.__dict__.get(_DECODE_ONLY_ATTR)
+    if only is None:
+        only = md.__dict__[_DECODE_ONLY_ATTR] = md.max_query_len == 1 or all(
+            n == 1 for n in md.query_lens_host)
+    return only
 
 
 @dataclass
@@ -149,6 +161,10 @@ class TritonAttentionBackend(AttentionBackend):
         self.group = num_heads // num_kv_heads
         self._k: ModuleType | None = None
         self._num_sms: int | None = None
+        # [rows, num_kv_heads] int32 counters of finished partitions, zero between steps
+        # (the combining program resets its own); grown eagerly, never inside a graph
+        # capture, as the warm-up run before each capture has the graph's batch size.
+        self._counters: torch.Tensor | None = None
 
     # ---- configuration -----------------------------------------------------------------
 
@@ -186,14 +202,31 @@ class TritonAttentionBackend(AttentionBackend):
         return max(1, min(want, _cdiv(max_len, self.decode_min_partition),
                            self.decode_max_splits))
 
-    # ---- forward -----------------------------------------------------------------------
+    def _counters_for(self, rows: int, device: torch.device) -> torch.Tensor:
+        c = self._counters
+        if c is None or c.shape[0] < rows or c.device != device:
+            c = self._counters = torch.zeros((max(256, _next_pow2(rows)), self.num_kv_heads),
+                                             dtype=torch.int32, device=device)
+        return c
 
-    def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata):
+    def _kernels(self) -> ModuleType:
         k = self._k
         if k is None:
             k = self._k = _kernels()
             if k is None:
                 raise RuntimeError("the triton attention backend needs the `triton` package")
+        return k
+
+    # ---- forward -----------------------------------------------------------------------
+
+    def fuses_rotary(self, metadata: AttentionMetadata) -> bool:
+        """Decode-only steps (rows in batch order, CUDA-graph steps among them): the decode
+        kernel rotates q and the new key itself."""
+        return _decode_only(metadata)
+
+    def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata,
+                rotary: RotaryInputs | None = None):
+        k = self._kernels()
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         if key_cache.stride(-1) != 1:
             raise ValueError("kv_cache: head_dim must be the innermost, contiguous axis")
@@ -207,6 +240,8 @@ class TritonAttentionBackend(AttentionBackend):
         cb, cs, ch = key_cache.stride(0), key_cache.stride(1), key_cache.stride(2)
         dot_fp32 = k.INTERPRETED or key_cache.dtype == torch.float32
         dot = dict(DOT_FP32=dot_fp32, DOT_PRECISION="ieee" if dot_fp32 else "tf32")
+        pdl = pdl_enabled(query.device)
+        launch = dict(USE_PDL=pdl, launch_pdl=pdl)
 
         block_m, block_n, warps, stages = self._prefill_config(key_cache.dtype)
         if k.INTERPRETED:  # the interpreter's cost grows with tile size: fit it to the batch
@@ -221,7 +256,9 @@ class TritonAttentionBackend(AttentionBackend):
         # A decode-only step (every row one new token, rows in batch order: CUDA-graph
         # steps among them) writes its K/V inside the decode kernel, one launch fewer a
         # layer; any other step writes every new token first.
-        fused_write = plan.num_tiles == 0 and plan.decode_ids is None
+        fused_write = _decode_only(metadata)
+        if rotary is not None and not fused_write:
+            raise ValueError("rotary: given for a step fuses_rotary() declined")
         if not fused_write:
             # Tokens per program: about 8K elements of (kv head, dim) each.
             kvh_pad = _next_pow2(self.num_kv_heads)
@@ -230,7 +267,8 @@ class TritonAttentionBackend(AttentionBackend):
                 key, value, key_cache, value_cache, metadata.slot_mapping, key.shape[0],
                 key.stride(0), key.stride(1), value.stride(0), value.stride(1), cb, cs, ch,
                 NUM_KV_HEADS=self.num_kv_heads, HEAD_DIM=self.head_dim,
-                BLOCK_SIZE=block_size, KVH_PAD=kvh_pad, BLOCK_T=block_t, num_warps=4,
+                BLOCK_SIZE=block_size, KVH_PAD=kvh_pad, BLOCK_T=block_t, **launch,
+                num_warps=4,
             )
 
         common = (metadata.block_tables, metadata.seq_lens, metadata.query_start_loc)
@@ -239,21 +277,23 @@ class TritonAttentionBackend(AttentionBackend):
         if plan.num_decodes:
             new_kv = (key, value) if fused_write else None
             self._decode(k, query, key_cache, value_cache, out, metadata, plan, strides, dot,
-                         new_kv)
+                         new_kv, rotary, launch)
         if plan.num_tiles:
             k.prefill_kernel[(plan.num_tiles, self.num_kv_heads)](
                 query, key_cache, value_cache, out, *common, plan.tile_seq, plan.tile_start,
                 self.scale, *strides,
                 GROUP=self.group, HEAD_DIM=self.head_dim, BLOCK_SIZE=block_size,
-                BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, **dot,
+                BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, **dot, **launch,
                 num_warps=warps, num_stages=stages,
             )
         return out
 
     def _decode(self, k, query, key_cache, value_cache, out, md, plan: _Plan, strides, dot,
-                new_kv: tuple[torch.Tensor, torch.Tensor] | None):
+                new_kv: tuple[torch.Tensor, torch.Tensor] | None,
+                rotary: RotaryInputs | None, launch: dict):
         """``new_kv``: (key, value) of the step's tokens, for the kernel to write into the
-        cache first; None when they are already there."""
+        cache first (rotated by ``rotary`` when given, as q is); None when they are already
+        there."""
         block_n, warps, stages = self._decode_config(key_cache.dtype)
         nd = plan.num_decodes
         splits = self._splits(nd, plan.max_decode_len, query.device)
@@ -265,27 +305,31 @@ class TritonAttentionBackend(AttentionBackend):
             part_l = torch.empty(shape, dtype=torch.float32, device=query.device)
             part_o = torch.empty(shape + (self.head_dim,), dtype=torch.float32,
                                  device=query.device)
+            counters = self._counters_for(nd, query.device)
         else:
-            part_m = part_l = part_o = out  # unused
+            part_m = part_l = part_o = counters = out  # unused
         key, value = new_kv if new_kv is not None else (query, query)  # unused when None
+        if rotary is not None:
+            cos, sin = rotary.cos, rotary.sin
+            if cos.stride(-1) != 1 or sin.stride(0) != cos.stride(0):
+                cos, sin = cos.contiguous(), sin.contiguous()
+            q_norm = rotary.q_norm if rotary.q_norm is not None else cos  # unused when None
+            k_norm = rotary.k_norm if rotary.k_norm is not None else cos
+            rope = (cos, sin, q_norm, k_norm, rotary.eps, cos.stride(0))
+        else:
+            rope = (query, query, query, query, 0.0, 0)  # unused
         k.decode_kernel[(nd, self.num_kv_heads, splits)](
-            query, key_cache, value_cache, out, part_o, part_m, part_l,
+            query, key_cache, value_cache, out, part_o, part_m, part_l, counters,
             md.block_tables, md.seq_lens, md.query_start_loc, ids,
-            key, value, md.slot_mapping, int(new_kv is not None),
+            key, value, md.slot_mapping, int(new_kv is not None), *rope,
             self.scale, *strides,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-            ONE_SPLIT=splits == 1, DENSE=dense, GROUP=self.group,
-            GROUP_PAD=max(16, _next_pow2(self.group)), HEAD_DIM=self.head_dim,
-            BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n, **dot,
-            num_warps=warps, num_stages=stages,
+            ONE_SPLIT=splits == 1, SPLITS_PAD=_next_pow2(splits), DENSE=dense,
+            GROUP=self.group, GROUP_PAD=max(16, _next_pow2(self.group)),
+            HEAD_DIM=self.head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n,
+            ROPE=rotary is not None, QK_NORM=rotary is not None and rotary.q_norm is not None,
+            **dot, **launch, num_warps=warps, num_stages=stages,
         )
-        if splits > 1:
-            k.decode_reduce_kernel[(nd, self.num_heads)](
-                out, part_o, part_m, part_l, md.query_start_loc, ids,
-                splits, out.stride(0), out.stride(1),
-                SPLITS_PAD=_next_pow2(splits), DENSE=dense, HEAD_DIM=self.head_dim,
-                num_warps=4,
-            )
 
 
 @hookimpl

@@ -16,7 +16,9 @@ Kernels:
   partition of the context (each sequence's length split evenly over the partitions).  The program holds every query head of that KV head's GQA group
   as rows of one tile, so each K/V tile is loaded once for the whole group.  With one
   partition it writes the final output; otherwise it writes a normalized partial output and
-  its softmax max and sum, which ``decode_reduce_kernel`` combines.
+  its softmax max and sum, and the sequence's last partition to finish (an atomic counter
+  per sequence and KV head) combines them.  With ``ROPE`` it also applies the rotary
+  embedding (and Qwen3's q/k norm) to q and to the new key it writes.
 - ``prefill_kernel``: causal flash attention (online softmax) over paged K/V for query
   chunks that sit at the end of their context (fresh prompts, prompt chunks, prefix-cache
   hits).  One program = one tile of query tokens x one KV head, again with the group's query
@@ -32,7 +34,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (pagedllm.dependent_launch); absent in old Tritons
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # USE_PDL is then never set, and the names are never compiled
+    gdc_launch_dependents = gdc_wait = None
+
 LOG2E = tl.constexpr(1.4426950408889634)
+COMBINE_CHUNK = tl.constexpr(16)  # partitions combined per step of decode_kernel's combine
 
 # Integer arguments that change from step to step (token counts, block-table widths,
 # split counts) are not specialized on: Triton would otherwise compile a new variant
@@ -47,8 +55,11 @@ def write_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch,  # shared by the K and V halves of the cache
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    KVH_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    KVH_PAD: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.arange(0, KVH_PAD * HEAD_DIM)  # (kv head, dim) flattened
     h = c // HEAD_DIM
@@ -65,28 +76,57 @@ def write_kv_kernel(
     tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
+@triton.jit
+def _rope_rows(ptr, row_off, row_ok, d, cos, sin, norm_w_ptr, eps, QK_NORM: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """Rows ``ptr + row_off`` ([rows, HEAD_DIM]) rotated as ``RotaryInputs`` defines, in
+    float32 holding values rounded to the input's dtype (as ``fused_ops.rotary`` rounds)."""
+    dtype = ptr.dtype.element_ty
+    half: tl.constexpr = HEAD_DIM // 2
+    partner = (d + half) % HEAD_DIM  # rotate_half(x)[d] = -x[d + half] or x[d - half]
+    x = tl.load(ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    xp = tl.load(ptr + row_off[:, None] + partner[None, :], mask=row_ok[:, None], other=0.0)
+    x = x.to(tl.float32)
+    xp = xp.to(tl.float32)
+    if QK_NORM:
+        s = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+        w = tl.load(norm_w_ptr + d).to(tl.float32)[None, :]
+        wp = tl.load(norm_w_ptr + partner).to(tl.float32)[None, :]
+        x = (w * (x * s).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        xp = (wp * (xp * s).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    sign = tl.where(d < half, -1.0, 1.0)[None, :]
+    o = (x * cos).to(dtype).to(tl.float32) + (sign * xp * sin).to(dtype).to(tl.float32)
+    return o.to(dtype)
+
+
 @triton.jit(do_not_specialize=["stride_bt", "write_kv"])
 def decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_ptr, seq_ids_ptr,
+    counter_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, seq_ids_ptr,
     key_ptr, value_ptr, slot_ptr,
     # 1: write the new token's K/V first (decode-only steps, instead of write_kv_kernel).
     # A runtime flag, not a constexpr: a second compiled variant would first be needed at
     # a running engine's first mixed step and stall it for the compile (W1 lost 0.6 s so).
     write_kv,
+    cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, norm_eps, stride_ct,  # ROPE only
     scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     stride_kt, stride_kh, stride_vt, stride_vh,
     ONE_SPLIT: tl.constexpr,  # one partition per sequence (grid axis 2): write final output
+    SPLITS_PAD: tl.constexpr,  # next power of two of the grid's partitions
     DENSE: tl.constexpr,  # decode i is batch row i (no seq_ids map)
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr, QK_NORM: tl.constexpr,  # q and k arrive unrotated (RotaryInputs)
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     i = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     if DENSE:
         seq = i
     else:
@@ -94,100 +134,131 @@ def decode_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     tok = tl.load(query_start_ptr + seq).to(tl.int64)
     # Each sequence splits its own length evenly (in whole key tiles) over the grid's
-    # partitions, so the split count can be fixed ahead (a CUDA graph) for any lengths.
+    # partitions, so the split count can be fixed ahead (a CUDA graph) for any lengths;
+    # partitions past its end have nothing to do (a graph's split count suits the longest
+    # possible sequence, so most do nothing).
     partition_size = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = split * partition_size
-    end = tl.minimum(start + partition_size, seq_len)
-
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    if write_kv != 0:
-        # The one program whose partition holds the new token (the sequence's last) puts
-        # its K/V in the cache, then reads them back with the rest: a decode-only step
-        # needs no write kernel of its own.  A negative slot (graph padding) writes nothing.
-        last = seq_len - 1
-        if (start <= last) & (last < end):
-            slot = tl.load(slot_ptr + tok).to(tl.int64)
-            if slot >= 0:
-                dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
-                    + kv_head * stride_ch + d
-                tl.store(k_cache_ptr + dst, tl.load(key_ptr + tok * stride_kt
-                                                    + kv_head * stride_kh + d))
-                tl.store(v_cache_ptr + dst, tl.load(value_ptr + tok * stride_vt
-                                                    + kv_head * stride_vh + d))
-            tl.debug_barrier()  # the whole program sees the stores before the loads below
-    heads = kv_head * GROUP + g
-    row_ok = g < GROUP
-    q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    q = q.to(k_cache_ptr.dtype.element_ty)  # as the reference does
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    qk_scale = scale * LOG2E  # applied to float32 scores, not to q: no extra rounding
-    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    head_off = kv_head * stride_ch
-
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        blk = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        base = blk * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
-        kt = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=valid[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    if start < seq_len:
+        end = tl.minimum(start + partition_size, seq_len)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        heads = kv_head * GROUP + g
+        row_ok = g < GROUP
+        if ROPE:
+            cos = tl.load(cos_ptr + tok * stride_ct + d)[None, :]
+            sin = tl.load(sin_ptr + tok * stride_ct + d)[None, :]
+        if write_kv != 0:
+            # The one program whose partition holds the new token (the sequence's last)
+            # puts its K/V in the cache, then reads them back with the rest: a decode-only
+            # step needs no write kernel of its own.  A negative slot (graph padding)
+            # writes nothing.
+            last = seq_len - 1
+            if last < end:
+                slot = tl.load(slot_ptr + tok).to(tl.int64)
+                if slot >= 0:
+                    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
+                        + kv_head * stride_ch + d
+                    if ROPE:
+                        one = tl.arange(0, 1)
+                        k_new = _rope_rows(key_ptr + tok * stride_kt,
+                                           one * 0 + kv_head * stride_kh, one == 0, d,
+                                           cos, sin, k_norm_ptr, norm_eps, QK_NORM, HEAD_DIM)
+                        tl.store(k_cache_ptr + dst[None, :], k_new)
+                    else:
+                        tl.store(k_cache_ptr + dst, tl.load(key_ptr + tok * stride_kt
+                                                            + kv_head * stride_kh + d))
+                    tl.store(v_cache_ptr + dst, tl.load(value_ptr + tok * stride_vt
+                                                        + kv_head * stride_vh + d))
+                tl.debug_barrier()  # the whole program sees the stores before the loads below
+        if ROPE:
+            q = _rope_rows(q_ptr + tok * stride_qt, heads * stride_qh, row_ok, d, cos, sin,
+                           q_norm_ptr, norm_eps, QK_NORM, HEAD_DIM)
+        else:
+            q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+        q = q.to(k_cache_ptr.dtype.element_ty)  # as the reference does
         if DOT_FP32:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: position n0 is always valid
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+            q = q.to(tl.float32)
+        qk_scale = scale * LOG2E  # applied to float32 scores, not to q: no extra rounding
+        table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        head_off = kv_head * stride_ch
 
-    if ONE_SPLIT:
-        o = acc / l_i[:, None]
-        tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        # An empty partition (past this sequence's end) leaves m = -inf, l = 0, out = 0.
-        o = acc / tl.maximum(l_i, 1e-30)[:, None]
-        # part_* are [num_decodes, num_heads, num_splits(, HEAD_DIM)], contiguous.
-        num_splits = tl.num_programs(2)
-        row = (i.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
-        tl.store(part_m_ptr + row, m_i, mask=row_ok)
-        tl.store(part_l_ptr + row, l_i, mask=row_ok)
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=row_ok[:, None])
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            valid = pos < end
+            blk = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            base = blk * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
+            kt = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=valid[None, :],
+                         other=0.0)
+            v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=valid[:, None],
+                        other=0.0)
+            if DOT_FP32:
+                kt = kt.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: position n0 is always valid
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            m_i = m_new
 
-
-@triton.jit(do_not_specialize=["num_splits"])
-def decode_reduce_kernel(
-    out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, query_start_ptr, seq_ids_ptr,
-    num_splits, stride_ot, stride_oh,
-    SPLITS_PAD: tl.constexpr, DENSE: tl.constexpr, HEAD_DIM: tl.constexpr,
-):
-    i = tl.program_id(0)
-    head = tl.program_id(1)
-    if DENSE:
-        seq = i
-    else:
-        seq = tl.load(seq_ids_ptr + i)
-    tok = tl.load(query_start_ptr + seq).to(tl.int64)
-    s = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    ok = s < num_splits
-    row = (i.to(tl.int64) * tl.num_programs(1) + head) * num_splits + s
-    m = tl.load(part_m_ptr + row, mask=ok, other=float("-inf"))
-    l = tl.load(part_l_ptr + row, mask=ok, other=0.0)
-    m_max = tl.max(m, axis=0)  # finite: partition 0 always holds position 0
-    w = tl.exp2(m - m_max) * l
-    o = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
-    o = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + tok * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+        if ONE_SPLIT:
+            o = acc / l_i[:, None]
+            tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            # A normalized partial output and its softmax max and sum; part_* are
+            # [num_decodes, num_heads, num_splits(, HEAD_DIM)], contiguous.
+            o = acc / l_i[:, None]
+            num_splits = tl.num_programs(2)
+            row = (i.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
+            tl.store(part_m_ptr + row, m_i, mask=row_ok)
+            tl.store(part_l_ptr + row, l_i, mask=row_ok)
+            tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o,
+                     mask=row_ok[:, None])
+            # The last of this (sequence, KV head)'s partitions to finish combines them:
+            # no reduce kernel.  Every thread's stores precede the barrier, the barrier
+            # precedes the counter's release-acquire increment, and the combiner reads the
+            # partials past L1 (.cg), which may hold lines of an earlier step.
+            tl.debug_barrier()
+            used = tl.cdiv(seq_len, partition_size)
+            counter = counter_ptr + i * tl.num_programs(1) + kv_head
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+            if ticket == used - 1:
+                tl.atomic_xchg(counter, 0)  # ready for the next step
+                sp = tl.arange(0, SPLITS_PAD)
+                for h in tl.static_range(GROUP):
+                    head = kv_head * GROUP + h
+                    base_row = (i.to(tl.int64) * (GROUP * tl.num_programs(1)) + head) \
+                        * num_splits
+                    pm = tl.load(part_m_ptr + base_row + sp, mask=sp < used,
+                                 other=float("-inf"), cache_modifier=".cg")
+                    m_max = tl.max(pm, axis=0)  # finite: partition 0 holds position 0
+                    o = tl.zeros([HEAD_DIM], tl.float32)
+                    w_acc = tl.zeros([COMBINE_CHUNK], tl.float32)
+                    # In chunks of partitions: [SPLITS_PAD, HEAD_DIM] would not fit in
+                    # registers.
+                    for c0 in range(0, used, COMBINE_CHUNK):
+                        c = c0 + tl.arange(0, COMBINE_CHUNK)
+                        ok = c < used
+                        cm = tl.load(part_m_ptr + base_row + c, mask=ok, other=float("-inf"),
+                                     cache_modifier=".cg")
+                        cl = tl.load(part_l_ptr + base_row + c, mask=ok, other=0.0,
+                                     cache_modifier=".cg")
+                        w = tl.exp2(cm - m_max) * cl
+                        po = tl.load(part_out_ptr + (base_row + c)[:, None] * HEAD_DIM
+                                     + d[None, :], mask=ok[:, None], other=0.0,
+                                     cache_modifier=".cg")
+                        o += tl.sum(po * w[:, None], axis=0)
+                        w_acc += w
+                    tl.store(out_ptr + tok * stride_ot + head * stride_oh + d,
+                             (o / tl.sum(w_acc, axis=0)).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -199,10 +270,13 @@ def prefill_kernel(
     stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     seq = tl.load(tile_seq_ptr + tile)
     q0 = tl.load(tile_start_ptr + tile)  # first query token of this tile, within the sequence
     q_begin = tl.load(query_start_ptr + seq)

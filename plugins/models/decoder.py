@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.attention import AttentionMetadata
+from pagedllm.attention import AttentionMetadata, RotaryInputs
 
 from .fused_ops import (linear, rms_norm, rms_norm_linear, rotary, silu_and_mul, silu_mul_linear,
                         use_fused)
@@ -120,8 +120,14 @@ class SelfAttention(nn.Module):
         qk_norm = None
         if self.q_norm is not None:  # applied inside the rotary op
             qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        q, k = rotary(q, k, rope, qk_norm=qk_norm)
-        o = self.attn.forward(q, k, v, kv_cache, metadata)
+        if self.attn.fuses_rotary(metadata):  # the backend rotates inside its kernels
+            cos, sin = rope
+            fused = RotaryInputs(cos.reshape(t, -1).float(), sin.reshape(t, -1).float(),
+                                 *(qk_norm or (None, None, 0.0)))
+            o = self.attn.forward(q, k, v, kv_cache, metadata, rotary=fused)
+        else:
+            q, k = rotary(q, k, rope, qk_norm=qk_norm)
+            o = self.attn.forward(q, k, v, kv_cache, metadata)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 
