@@ -240,7 +240,7 @@ def decode_kernel(
                     pm = tl.load(part_m_ptr + base_row + sp, mask=sp < used,
                                  other=float("-inf"), cache_modifier=".cg")
                     m_max = tl.max(pm, axis=0)  # finite: partition 0 holds position 0
-                    o = tl.zeros([HEAD_DIM], tl.float32)
+                    comb = tl.zeros([HEAD_DIM], tl.float32)
                     w_acc = tl.zeros([COMBINE_CHUNK], tl.float32)
                     # In chunks of partitions: [SPLITS_PAD, HEAD_DIM] would not fit in
                     # registers.
@@ -251,14 +251,14 @@ def decode_kernel(
                                      cache_modifier=".cg")
                         cl = tl.load(part_l_ptr + base_row + c, mask=ok, other=0.0,
                                      cache_modifier=".cg")
-                        w = tl.exp2(cm - m_max) * cl
+                        wt = tl.exp2(cm - m_max) * cl
                         po = tl.load(part_out_ptr + (base_row + c)[:, None] * HEAD_DIM
                                      + d[None, :], mask=ok[:, None], other=0.0,
                                      cache_modifier=".cg")
-                        o += tl.sum(po * w[:, None], axis=0)
-                        w_acc += w
+                        comb += tl.sum(po * wt[:, None], axis=0)
+                        w_acc += wt
                     tl.store(out_ptr + tok * stride_ot + head * stride_oh + d,
-                             (o / tl.sum(w_acc, axis=0)).to(out_ptr.dtype.element_ty))
+                             (comb / tl.sum(w_acc, axis=0)).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["stride_bt"])

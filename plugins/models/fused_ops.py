@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -156,11 +157,15 @@ GEMV_MAX_ROWS = 1
 # layer (3.8 vs 12.6 us for o_proj) and on Llama-8B's o_proj (4096 x 4096: 11.9 vs 12.5 us),
 # but lost on its qkv (16.9 vs 15.5), gate_up (61.8 vs 57.0), down with SiLU (35.9 vs
 # cuBLAS plus the SiLU kernel, 32.9) and lm_head (254 vs 246).
-GEMV_MAX_WEIGHT_ELEMENTS = 4096 * 4096
+# PAGEDLLM_GEMV_MAX_WEIGHT_ELEMENTS overrides it, for benchmarking the alternatives.
+GEMV_MAX_WEIGHT_ELEMENTS = int(float(os.environ.get("PAGEDLLM_GEMV_MAX_WEIGHT_ELEMENTS",
+                                                    4096 * 4096)))
 # The RMSNorm prologue makes every program read the whole input row twice (from L2); that
 # pays at hidden sizes to 2048 (Qwen3-0.6B: -1.2 us a fused pair) and costs at 4096 (Llama 8B:
 # +5 us), where the norm stays a kernel of its own.
-NORM_PROLOGUE_MAX_K = 2048
+# (Measured before the one-tile path, which reads x once; PAGEDLLM_NORM_PROLOGUE_MAX_K
+# overrides it.)
+NORM_PROLOGUE_MAX_K = int(os.environ.get("PAGEDLLM_NORM_PROLOGUE_MAX_K", 2048))
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
