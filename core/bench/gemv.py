@@ -59,11 +59,19 @@ def time_per_launch(make_fn, weight_bytes: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def sweep_configs():
-    for bn, bk, warps, stages in itertools.product([2, 4, 8, 16], [256, 512, 1024], [4, 8],
-                                                   [2, 4]):
-        if bn * bk <= 8192:
-            yield bn, bk, warps, stages
+def sweep_configs(k: int):
+    """One-tile configs (BLOCK_K = K rounded up to a power of two) where K allows them,
+    else tiled ones."""
+    k_pad = fused_ops._next_pow2(k)
+    if k_pad > 8192:
+        for bn, bk, warps, stages in itertools.product([2, 4, 8, 16], [256, 512, 1024],
+                                                       [4, 8], [2, 4]):
+            if bn * bk <= 8192:
+                yield bn, bk, warps, stages
+        return
+    for bn, warps in itertools.product([1, 2, 4, 8, 16], [2, 4, 8]):
+        if bn * k_pad <= 32768:
+            yield bn, k_pad, warps, 1
 
 
 def main(argv=None) -> None:
@@ -116,7 +124,7 @@ def main(argv=None) -> None:
                 best = ""
                 if args.sweep:
                     results = []
-                    for cfg in sweep_configs():
+                    for cfg in sweep_configs(k):
                         try:
                             t = time_per_launch(lambda c, cfg=cfg: ours(c, cfg=cfg), wb)
                         except Exception as exc:  # a config that cannot compile: skip it
