@@ -165,13 +165,14 @@ def test_gemv_only_takes_few_row_half_precision_products_on_cuda():
         assert fused_ops._gemv_applies(few.cuda(), w.cuda())
         assert not fused_ops._gemv_applies(many.cuda(), w.cuda())
         assert not fused_ops._gemv_applies(few.cuda().float(), w.cuda().float())
-        # Big weights stay with cuBLAS (faster there, see GEMV_MAX_WEIGHT_ELEMENTS).
-        k = 4096
-        big = torch.empty(fused_ops.GEMV_MAX_WEIGHT_ELEMENTS // k + 1, k, dtype=torch.bfloat16,
-                          device="cuda")
-        one = torch.zeros(1, k, dtype=torch.bfloat16, device="cuda")
-        assert fused_ops._gemv_applies(one, big[:-1])
-        assert not fused_ops._gemv_applies(one, big)
+        # Big weights whose K runs in tiles stay with cuBLAS (faster there, see
+        # GEMV_MAX_WEIGHT_ELEMENTS); one-tile ones are ours at any size.
+        for k, big_is_ours in ((16384, False), (4096, True)):
+            big = torch.empty(fused_ops.GEMV_MAX_WEIGHT_ELEMENTS // k + 1, k,
+                              dtype=torch.bfloat16, device="cuda")
+            one = torch.zeros(1, k, dtype=torch.bfloat16, device="cuda")
+            assert fused_ops._gemv_applies(one, big[:-1])
+            assert fused_ops._gemv_applies(one, big) == big_is_ours
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -124,9 +124,9 @@ def decode_kernel(
     i = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if USE_PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    # Before the PDL wait only what no kernel of the last two wrote: the step's metadata
+    # (copied in before the step's first kernel) and the rotary tables (the step's first
+    # kernels), so these loads overlap the qkv projection's end.
     if DENSE:
         seq = i
     else:
@@ -148,14 +148,18 @@ def decode_kernel(
         if ROPE:
             cos = tl.load(cos_ptr + tok * stride_ct + d)[None, :]
             sin = tl.load(sin_ptr + tok * stride_ct + d)[None, :]
+        last = seq_len - 1
+        slot = tl.load(slot_ptr + tok, mask=(write_kv != 0) & (last < end), other=-1
+                       ).to(tl.int64)
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         if write_kv != 0:
             # The one program whose partition holds the new token (the sequence's last)
             # puts its K/V in the cache, then reads them back with the rest: a decode-only
             # step needs no write kernel of its own.  A negative slot (graph padding)
             # writes nothing.
-            last = seq_len - 1
             if last < end:
-                slot = tl.load(slot_ptr + tok).to(tl.int64)
                 if slot >= 0:
                     dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
                         + kv_head * stride_ch + d

@@ -152,20 +152,21 @@ def silu_and_mul(gate_up: torch.Tensor, force: bool = False) -> torch.Tensor:
 # H100 it lost to cuBLAS by 3-4x at four rows (``bench gemv --rows 1,4``), so only one row
 # takes it.
 GEMV_MAX_ROWS = 1
-# Past about 16M weight elements (32 MiB in bf16) cuBLAS streams a one-row product as fast or
-# faster: on the H200 (``bench gemv --rows 1``, 2026-12-01) the GEMV won on every Qwen3-0.6B
-# layer (3.8 vs 12.6 us for o_proj) and on Llama-8B's o_proj (4096 x 4096: 11.9 vs 12.5 us),
-# but lost on its qkv (16.9 vs 15.5), gate_up (61.8 vs 57.0), down with SiLU (35.9 vs
-# cuBLAS plus the SiLU kernel, 32.9) and lm_head (254 vs 246).
+# A product whose K runs in tiles (``gemv_config``: K past 8192) stays with cuBLAS past this
+# many weight elements: on the H200 with PDL (``bench gemv --sweep``, 2026-12-01) Llama-8B's
+# down_proj (K 14336) took 34.2 us at its best tile config against cuBLAS's 31.7 (with
+# the SiLU kernel).  One-tile products are ours at any size: there the GEMV won on every
+# preset layer, e.g. Llama-8B qkv with its norm 15.0 against 17.1 us, gate_up with its
+# norm 55.6 against 56.8, lm_head 229.9 against 238.1, Qwen3-0.6B o_proj 2.2 against 12.6.
 # PAGEDLLM_GEMV_MAX_WEIGHT_ELEMENTS overrides it, for benchmarking the alternatives.
 GEMV_MAX_WEIGHT_ELEMENTS = int(float(os.environ.get("PAGEDLLM_GEMV_MAX_WEIGHT_ELEMENTS",
                                                     4096 * 4096)))
-# The RMSNorm prologue makes every program read the whole input row twice (from L2); that
-# pays at hidden sizes to 2048 (Qwen3-0.6B: -1.2 us a fused pair) and costs at 4096 (Llama 8B:
-# +5 us), where the norm stays a kernel of its own.
-# (Measured before the one-tile path, which reads x once; PAGEDLLM_NORM_PROLOGUE_MAX_K
-# overrides it.)
-NORM_PROLOGUE_MAX_K = int(os.environ.get("PAGEDLLM_NORM_PROLOGUE_MAX_K", 2048))
+# The RMSNorm prologue makes every program read the input row (a few KiB, from L2): in one
+# tile that pays at every preset's hidden size (Qwen3-0.6B qkv with its norm 3.2 us against
+# 3.2 without; Llama-8B's, 4096 wide, 15.0 against 16.3 plus a norm kernel); a tiled K
+# reads it twice, which at 4096 cost 5 us before the one-tile path existed.
+# PAGEDLLM_NORM_PROLOGUE_MAX_K overrides it.
+NORM_PROLOGUE_MAX_K = int(os.environ.get("PAGEDLLM_NORM_PROLOGUE_MAX_K", 4096))
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -178,7 +179,9 @@ def gemv_config(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [m_pad, k] x [n, k]^T product.
 
     Where a program's slab fits ``ONE_TILE_MAX_ELEMENTS`` it is one tile of 16 weight rows
-    (8 under 4096 outputs, fewer where K is long), four warps: a few fat programs per SM.
+    (8 under 4096 outputs, fewer where K is long), four warps (eight for 4096-deep slabs of
+    wide weights): a few fat programs per SM.  Llama-8B's K of 4096 (``--sweep``): 8 rows,
+    8 warps, best or within 0.5 us of it on qkv, gate_up and lm_head.
     From ``python -m pagedllm.bench.gemv --sweep`` on the H200 with PDL (2026-12-01), the
     best or within 0.1 us of it on every Qwen3-0.6B layer: qkv 3.1 us (was 5.0 with two
     rows a program), o_proj 2.2 (2.5), gate_up 4.6-4.8 (6.3), down 2.8 (4.4), lm_head 73.4
@@ -188,11 +191,11 @@ def gemv_config(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
     rows shorten K rather than spill registers.
     """
     k_pad = _next_pow2(k)
-    if m_pad * k_pad <= ONE_TILE_MAX_ELEMENTS and k_pad <= 8192:
+    if _one_tile(k, m_pad):
         block_n = 16 if n >= 4096 else 8
         while block_n > 1 and block_n * m_pad * k_pad > ONE_TILE_MAX_ELEMENTS:
             block_n //= 2
-        return block_n, k_pad, 4, 1
+        return block_n, k_pad, 8 if k_pad >= 4096 and n >= 4096 else 4, 1
     if k >= 8192:
         block_n = 8
     elif n >= 8192 or (k >= 4096 and n <= k):
@@ -204,8 +207,16 @@ def gemv_config(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
     return block_n, block_k, 4, 2 if n >= 8192 else 4
 
 
+def _one_tile(k: int, m_pad: int) -> bool:
+    """Whether ``gemv_config`` makes a program's weight slab one tile."""
+    k_pad = _next_pow2(k)
+    return m_pad * k_pad <= ONE_TILE_MAX_ELEMENTS and k_pad <= 8192
+
+
 def _gemv_applies(x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x2.shape[0] <= GEMV_MAX_ROWS and weight.numel() <= GEMV_MAX_WEIGHT_ELEMENTS
+    return (x2.shape[0] <= GEMV_MAX_ROWS
+            and (weight.numel() <= GEMV_MAX_WEIGHT_ELEMENTS
+                 or _one_tile(weight.shape[1], _next_pow2(x2.shape[0])))
             and weight.dtype in _GEMV_DTYPES
             and x2.dtype == weight.dtype and weight.stride(-1) == 1 and use_fused(x2))
 
