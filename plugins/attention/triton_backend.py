@@ -127,13 +127,10 @@ class TritonAttentionBackend(AttentionBackend):
     cuda_graph_decode = True
 
     # Decode splitting: aim for about this many programs per SM, never splitting a sequence
-    # into partitions shorter than ``decode_min_partition`` tokens (rounded up to the key
-    # tile; the kernel holds to it for each sequence, also under a graph's fixed split
-    # count, and a sequence of one partition skips the combine).  A test or a benchmark
-    # can set them on an instance to force (or forbid) splitting;
-    # PAGEDLLM_DECODE_MIN_PARTITION sets the default, for benchmarking.
+    # into partitions shorter than ``decode_min_partition`` tokens.  A test or a benchmark
+    # can set them on an instance to force (or forbid) splitting.
     decode_programs_per_sm = 4
-    decode_min_partition = int(os.environ.get("PAGEDLLM_DECODE_MIN_PARTITION", 128))
+    decode_min_partition = 128
     decode_max_splits = 128
 
     @classmethod
@@ -324,8 +321,7 @@ class TritonAttentionBackend(AttentionBackend):
         k.decode_kernel[(nd, self.num_kv_heads, splits)](
             query, key_cache, value_cache, out, part_o, part_m, part_l, counters,
             md.block_tables, md.seq_lens, md.query_start_loc, ids,
-            key, value, md.slot_mapping, int(new_kv is not None),
-            _cdiv(self.decode_min_partition, block_n), *rope,
+            key, value, md.slot_mapping, int(new_kv is not None), *rope,
             self.scale, *strides,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             ONE_SPLIT=splits == 1, SPLITS_PAD=_next_pow2(splits), DENSE=dense,

@@ -99,7 +99,7 @@ def _rope_rows(ptr, row_off, row_ok, d, cos, sin, norm_w_ptr, eps, QK_NORM: tl.c
     return o.to(dtype)
 
 
-@triton.jit(do_not_specialize=["stride_bt", "write_kv", "min_partition_tiles"])
+@triton.jit(do_not_specialize=["stride_bt", "write_kv"])
 def decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     counter_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, seq_ids_ptr,
@@ -108,9 +108,6 @@ def decode_kernel(
     # A runtime flag, not a constexpr: a second compiled variant would first be needed at
     # a running engine's first mixed step and stall it for the compile (W1 lost 0.6 s so).
     write_kv,
-    # Partitions are at least this many key tiles: a graph's split count suits the longest
-    # sequence, and a short one then uses few partitions, or one (no combine at all).
-    min_partition_tiles,
     cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, norm_eps, stride_ct,  # ROPE only
     scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -140,9 +137,7 @@ def decode_kernel(
     # partitions, so the split count can be fixed ahead (a CUDA graph) for any lengths;
     # partitions past its end have nothing to do (a graph's split count suits the longest
     # possible sequence, so most do nothing).
-    # (A count of tiles times BLOCK_N: the compiler then knows the partition's alignment.)
-    partition_size = tl.maximum(tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N),
-                                min_partition_tiles) * BLOCK_N
+    partition_size = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = split * partition_size
     if start < seq_len:
         end = tl.minimum(start + partition_size, seq_len)
@@ -159,13 +154,6 @@ def decode_kernel(
         if USE_PDL:
             gdc_wait()
             gdc_launch_dependents()
-        # q first: its loads need not wait for the new key's store and barrier below.
-        if ROPE:
-            q = _rope_rows(q_ptr + tok * stride_qt, heads * stride_qh, row_ok, d, cos, sin,
-                           q_norm_ptr, norm_eps, QK_NORM, HEAD_DIM)
-        else:
-            q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                        mask=row_ok[:, None], other=0.0)
         if write_kv != 0:
             # The one program whose partition holds the new token (the sequence's last)
             # puts its K/V in the cache, then reads them back with the rest: a decode-only
@@ -187,6 +175,12 @@ def decode_kernel(
                     tl.store(v_cache_ptr + dst, tl.load(value_ptr + tok * stride_vt
                                                         + kv_head * stride_vh + d))
                 tl.debug_barrier()  # the whole program sees the stores before the loads below
+        if ROPE:
+            q = _rope_rows(q_ptr + tok * stride_qt, heads * stride_qh, row_ok, d, cos, sin,
+                           q_norm_ptr, norm_eps, QK_NORM, HEAD_DIM)
+        else:
+            q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                        mask=row_ok[:, None], other=0.0)
         q = q.to(k_cache_ptr.dtype.element_ty)  # as the reference does
         if DOT_FP32:
             q = q.to(tl.float32)
@@ -218,17 +212,14 @@ def decode_kernel(
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
 
-        o = acc / l_i[:, None]
-        used = tl.cdiv(seq_len, partition_size)  # partitions with keys: those before the end
         if ONE_SPLIT:
-            tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                     o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-        elif used == 1:  # one partition (the kernel's minimum length): nothing to combine
+            o = acc / l_i[:, None]
             tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
                      o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         else:
             # A normalized partial output and its softmax max and sum; part_* are
             # [num_decodes, num_heads, num_splits(, HEAD_DIM)], contiguous.
+            o = acc / l_i[:, None]
             num_splits = tl.num_programs(2)
             row = (i.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
             tl.store(part_m_ptr + row, m_i, mask=row_ok)
@@ -240,6 +231,7 @@ def decode_kernel(
             # precedes the counter's release-acquire increment, and the combiner reads the
             # partials past L1 (.cg), which may hold lines of an earlier step.
             tl.debug_barrier()
+            used = tl.cdiv(seq_len, partition_size)
             counter = counter_ptr + i * tl.num_programs(1) + kv_head
             ticket = tl.atomic_add(counter, 1, sem="acq_rel")
             if ticket == used - 1:
