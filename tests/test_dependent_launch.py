@@ -1,0 +1,38 @@
+"""When Triton kernels are launched with programmatic dependent launch (PDL)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pagedllm.dependent_launch import pdl_enabled
+
+
+def test_never_on_cpu():
+    assert not pdl_enabled(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("env,expected", [({"PAGEDLLM_PDL": "0"}, False),
+                                          ({"TRITON_INTERPRET": "1"}, False)])
+def test_switched_off_by_environment(env, expected):
+    # The answer is cached per process, so each setting gets a fresh interpreter.  On a
+    # machine without CUDA the device query would raise: the switch is read before it.
+    code = ("import torch; from pagedllm.dependent_launch import _cuda_enabled; "
+            "print(_cuda_enabled(0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_for_hopper_and_later():
+    device = torch.device("cuda")
+    from pagedllm.dependent_launch import _triton_has_gdc
+    want = (torch.cuda.get_device_capability()[0] >= 9 and _triton_has_gdc()
+            and os.environ.get("PAGEDLLM_PDL", "1") != "0")
+    assert pdl_enabled(device) == want
