@@ -165,6 +165,7 @@ class TritonAttentionBackend(AttentionBackend):
         # (the combining program resets its own); grown eagerly, never inside a graph
         # capture, as the warm-up run before each capture has the graph's batch size.
         self._counters: torch.Tensor | None = None
+        self._no_table: torch.Tensor | None = None
 
     # ---- configuration -----------------------------------------------------------------
 
@@ -201,6 +202,13 @@ class TritonAttentionBackend(AttentionBackend):
         want = _cdiv(self.decode_programs_per_sm * self._num_sms, programs)
         return max(1, min(want, _cdiv(max_len, self.decode_min_partition),
                            self.decode_max_splits))
+
+    def _unused_table(self, device: torch.device) -> torch.Tensor:
+        """A float32 stand-in for the rotary tables of a step that passes none."""
+        t = self._no_table
+        if t is None or t.device != device:
+            t = self._no_table = torch.zeros(self.head_dim, dtype=torch.float32, device=device)
+        return t
 
     def _counters_for(self, rows: int, device: torch.device) -> torch.Tensor:
         c = self._counters
@@ -313,21 +321,22 @@ class TritonAttentionBackend(AttentionBackend):
             cos, sin = rotary.cos, rotary.sin
             if cos.stride(-1) != 1 or sin.stride(0) != cos.stride(0):
                 cos, sin = cos.contiguous(), sin.contiguous()
-            q_norm = rotary.q_norm if rotary.q_norm is not None else cos  # unused when None
-            k_norm = rotary.k_norm if rotary.k_norm is not None else cos
+            q_norm = rotary.q_norm if rotary.q_norm is not None else query  # unused if None
+            k_norm = rotary.k_norm if rotary.k_norm is not None else query
             rope = (cos, sin, q_norm, k_norm, rotary.eps, cos.stride(0))
-        else:
-            rope = (query, query, query, query, 0.0, 0)  # unused
+        else:  # unused, but of the dtypes and alignment of the real ones: one compiled variant
+            table = self._unused_table(query.device)
+            rope = (table, table, query, query, 0.0, self.head_dim)
         k.decode_kernel[(nd, self.num_kv_heads, splits)](
             query, key_cache, value_cache, out, part_o, part_m, part_l, counters,
             md.block_tables, md.seq_lens, md.query_start_loc, ids,
-            key, value, md.slot_mapping, int(new_kv is not None), *rope,
+            key, value, md.slot_mapping, int(new_kv is not None),
+            0 if rotary is None else (2 if rotary.q_norm is not None else 1), *rope,
             self.scale, *strides,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             ONE_SPLIT=splits == 1, SPLITS_PAD=_next_pow2(splits), DENSE=dense,
             GROUP=self.group, GROUP_PAD=max(16, _next_pow2(self.group)),
             HEAD_DIM=self.head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n,
-            ROPE=rotary is not None, QK_NORM=rotary is not None and rotary.q_norm is not None,
             **dot, **launch, num_warps=warps, num_stages=stages,
         )
 

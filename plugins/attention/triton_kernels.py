@@ -17,7 +17,7 @@ Kernels:
   as rows of one tile, so each K/V tile is loaded once for the whole group.  With one
   partition it writes the final output; otherwise it writes a normalized partial output and
   its softmax max and sum, and the sequence's last partition to finish (an atomic counter
-  per sequence and KV head) combines them.  With ``ROPE`` it also applies the rotary
+  per sequence and KV head) combines them.  With ``rope`` set it also applies the rotary
   embedding (and Qwen3's q/k norm) to q and to the new key it writes.
 - ``prefill_kernel``: causal flash attention (online softmax) over paged K/V for query
   chunks that sit at the end of their context (fresh prompts, prompt chunks, prefix-cache
@@ -77,7 +77,7 @@ def write_kv_kernel(
 
 
 @triton.jit
-def _rope_rows(ptr, row_off, row_ok, d, cos, sin, norm_w_ptr, eps, QK_NORM: tl.constexpr,
+def _rope_rows(ptr, row_off, row_ok, d, cos, sin, norm_w_ptr, eps, qk_norm,
                HEAD_DIM: tl.constexpr):
     """Rows ``ptr + row_off`` ([rows, HEAD_DIM]) rotated as ``RotaryInputs`` defines, in
     float32 holding values rounded to the input's dtype (as ``fused_ops.rotary`` rounds)."""
@@ -88,7 +88,7 @@ def _rope_rows(ptr, row_off, row_ok, d, cos, sin, norm_w_ptr, eps, QK_NORM: tl.c
     xp = tl.load(ptr + row_off[:, None] + partner[None, :], mask=row_ok[:, None], other=0.0)
     x = x.to(tl.float32)
     xp = xp.to(tl.float32)
-    if QK_NORM:
+    if qk_norm != 0:
         s = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
         w = tl.load(norm_w_ptr + d).to(tl.float32)[None, :]
         wp = tl.load(norm_w_ptr + partner).to(tl.float32)[None, :]
@@ -99,7 +99,7 @@ def _rope_rows(ptr, row_off, row_ok, d, cos, sin, norm_w_ptr, eps, QK_NORM: tl.c
     return o.to(dtype)
 
 
-@triton.jit(do_not_specialize=["stride_bt", "write_kv"])
+@triton.jit(do_not_specialize=["stride_bt", "write_kv", "rope"])
 def decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     counter_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, seq_ids_ptr,
@@ -108,7 +108,11 @@ def decode_kernel(
     # A runtime flag, not a constexpr: a second compiled variant would first be needed at
     # a running engine's first mixed step and stall it for the compile (W1 lost 0.6 s so).
     write_kv,
-    cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, norm_eps, stride_ct,  # ROPE only
+    # 1: q and k arrive unrotated (RotaryInputs): rotate them here; 2: with q/k norms.
+    # Runtime values, not constexprs, for the reason write_kv is one: mixed steps (rope 0)
+    # and decode-only ones (rope 1 or 2) then share one compiled variant.
+    rope,
+    cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, norm_eps, stride_ct,  # rope only
     scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
@@ -118,7 +122,6 @@ def decode_kernel(
     DENSE: tl.constexpr,  # decode i is batch row i (no seq_ids map)
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROPE: tl.constexpr, QK_NORM: tl.constexpr,  # q and k arrive unrotated (RotaryInputs)
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     i = tl.program_id(0)
@@ -145,9 +148,9 @@ def decode_kernel(
         d = tl.arange(0, HEAD_DIM)
         heads = kv_head * GROUP + g
         row_ok = g < GROUP
-        if ROPE:
-            cos = tl.load(cos_ptr + tok * stride_ct + d)[None, :]
-            sin = tl.load(sin_ptr + tok * stride_ct + d)[None, :]
+        has_rope = (d * 0 + rope) != 0  # masks that read nothing without rotary
+        cos = tl.load(cos_ptr + tok * stride_ct + d, mask=has_rope, other=0.0)[None, :]
+        sin = tl.load(sin_ptr + tok * stride_ct + d, mask=has_rope, other=0.0)[None, :]
         last = seq_len - 1
         slot = tl.load(slot_ptr + tok, mask=(write_kv != 0) & (last < end), other=-1
                        ).to(tl.int64)
@@ -163,11 +166,11 @@ def decode_kernel(
                 if slot >= 0:
                     dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
                         + kv_head * stride_ch + d
-                    if ROPE:
+                    if rope != 0:
                         one = tl.arange(0, 1)
                         k_new = _rope_rows(key_ptr + tok * stride_kt,
                                            one * 0 + kv_head * stride_kh, one == 0, d,
-                                           cos, sin, k_norm_ptr, norm_eps, QK_NORM, HEAD_DIM)
+                                           cos, sin, k_norm_ptr, norm_eps, rope == 2, HEAD_DIM)
                         tl.store(k_cache_ptr + dst[None, :], k_new)
                     else:
                         tl.store(k_cache_ptr + dst, tl.load(key_ptr + tok * stride_kt
@@ -175,9 +178,9 @@ def decode_kernel(
                     tl.store(v_cache_ptr + dst, tl.load(value_ptr + tok * stride_vt
                                                         + kv_head * stride_vh + d))
                 tl.debug_barrier()  # the whole program sees the stores before the loads below
-        if ROPE:
+        if rope != 0:
             q = _rope_rows(q_ptr + tok * stride_qt, heads * stride_qh, row_ok, d, cos, sin,
-                           q_norm_ptr, norm_eps, QK_NORM, HEAD_DIM)
+                           q_norm_ptr, norm_eps, rope == 2, HEAD_DIM)
         else:
             q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
                         mask=row_ok[:, None], other=0.0)
