@@ -343,3 +343,57 @@ def test_harness_handles_other_cache_layouts():
                     torch.device("cpu"), seed)
         assert not _reference_layout(cls, case, 8)
         run_case(cls, case, "via_backend")
+
+
+# ---- fused rotary (optional: fuses_rotary) -------------------------------------------------
+
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "rope+qk-norm"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_fused_rotary_equals_rotating_first(name, qk_norm):
+    """A backend that says ``fuses_rotary`` for a decode step must give, from unrotated q/k
+    and ``rotary=``, what it gives from q/k rotated first by the model's own op (whose path
+    the tests above check against naive attention): same output, same cache."""
+    from pagedllm.attention import RotaryInputs
+    from pagedllm.plugins.models import fused_ops
+    from pagedllm.plugins.models.rope import RotaryEmbedding
+
+    cls = get_registry().get("attention", name).cls
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    head_dim, kv_heads, block_size, dtype = 32, 2, 4, torch.float32
+    _supported_or_skip(cls, head_dim, dtype, device)
+    rng = random.Random(zlib.crc32(f"{name}{qk_norm}".encode()))
+    gen = torch.Generator(device=device).manual_seed(rng.randrange(1 << 30))
+    seqs = [Seq(rng.randint(0, 3 * block_size), 1) for _ in range(4)]
+    blocks = [-(-s.total // block_size) for s in seqs]
+    ids = list(range(sum(blocks) + 2))
+    rng.shuffle(ids)
+    tables, at = [], 0
+    for n in blocks:
+        tables.append(ids[at:at + n])
+        at += n
+    md = _metadata(seqs, tables, block_size, device)
+    backend = cls(NUM_HEADS, kv_heads, head_dim, head_dim**-0.5)
+    if not backend.fuses_rotary(md):
+        pytest.skip(f"{name}: does not fuse the rotary embedding")
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+
+    cache = randn(*cls.kv_cache_shape(len(ids), block_size, kv_heads, head_dim))
+    q, k, v = randn(4, NUM_HEADS, head_dim), randn(4, kv_heads, head_dim), randn(4, kv_heads,
+                                                                                 head_dim)
+    norms = (1 + 0.3 * randn(head_dim), 1 + 0.3 * randn(head_dim), 1e-6) if qk_norm else None
+    rope = RotaryEmbedding(head_dim, {"rope_theta": 10000.0, "rope_type": "default"})
+    positions = md.seq_lens.long() - 1
+    cos, sin = rope.cos_sin(positions, dtype, as_float32=True)
+    rq, rk = fused_ops.rotary(q.cpu(), k.cpu(), (cos.cpu(), sin.cpu()),
+                              qk_norm=None if norms is None else
+                              (norms[0].cpu(), norms[1].cpu(), norms[2]))
+    want_cache = cache.clone()
+    want = cls(NUM_HEADS, kv_heads, head_dim, head_dim**-0.5).forward(
+        rq.to(device), rk.to(device), v, want_cache, md)
+    got_cache = cache.clone()
+    fused = RotaryInputs(cos.reshape(4, -1), sin.reshape(4, -1), *(norms or (None, None, 0.0)))
+    got = backend.forward(q, k, v, got_cache, md, rotary=fused)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_cache, want_cache, atol=1e-5, rtol=1e-5)
