@@ -314,6 +314,8 @@ def test_bench_latency_runs_on_dummy_weights_and_compares_with_hf(tiny_model):
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
     assert "pagedllm" in rows and "HF" in rows
+    # The host's share of a decode step: 3 decode steps after the first token.
+    assert "host busy" in result.stdout and "of 3 steps" in result.stdout, result.stdout
 
 
 def test_bench_kernels_refuses_without_a_gpu():
