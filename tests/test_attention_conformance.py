@@ -123,6 +123,21 @@ def _reference_layout(cls, case: Case, num_blocks: int) -> bool:
     return tuple(actual) == tuple(expected) and cls.block_dim == 1
 
 
+def _shuffled_tables(rng: random.Random, seqs: list[Seq], block_size: int, spare: int
+                     ) -> tuple[list[list[int]], int]:
+    """Shuffled, non-contiguous block tables with ``spare`` blocks nobody owns; and the
+    number of blocks."""
+    needed = [-(-s.total // block_size) for s in seqs]
+    num_blocks = sum(needed) + spare
+    ids = list(range(num_blocks))
+    rng.shuffle(ids)
+    tables, at = [], 0
+    for n in needed:
+        tables.append(ids[at : at + n])
+        at += n
+    return tables, num_blocks
+
+
 def _metadata(seqs: list[Seq], tables: list[list[int]], block_size: int,
               device: torch.device) -> AttentionMetadata:
     """Metadata built the way the model runner builds it (tables padded with block 0)."""
@@ -184,15 +199,7 @@ def run_case(cls, case: Case, mode: str) -> None:
     queries = [randn(s.total, NUM_HEADS, d) for s in seqs]  # the context rows feed via_backend
     scale = rng.uniform(0.5, 1.5) * d**-0.5
 
-    # Shuffled, non-contiguous block tables with spare blocks nobody owns.
-    needed = [-(-s.total // bs) for s in seqs]
-    num_blocks = sum(needed) + 3
-    ids = list(range(num_blocks))
-    rng.shuffle(ids)
-    tables, at = [], 0
-    for n in needed:
-        tables.append(ids[at : at + n])
-        at += n
+    tables, num_blocks = _shuffled_tables(rng, seqs, bs, spare=3)
 
     backend = cls(NUM_HEADS, kvh, d, scale)
     # Stale garbage everywhere (what reused blocks hold): finite, and large enough that
@@ -364,13 +371,7 @@ def test_fused_rotary_equals_rotating_first(name, qk_norm):
     rng = random.Random(zlib.crc32(f"{name}{qk_norm}".encode()))
     gen = torch.Generator(device=device).manual_seed(rng.randrange(1 << 30))
     seqs = [Seq(rng.randint(0, 3 * block_size), 1) for _ in range(4)]
-    blocks = [-(-s.total // block_size) for s in seqs]
-    ids = list(range(sum(blocks) + 2))
-    rng.shuffle(ids)
-    tables, at = [], 0
-    for n in blocks:
-        tables.append(ids[at:at + n])
-        at += n
+    tables, num_blocks = _shuffled_tables(rng, seqs, block_size, spare=2)
     md = _metadata(seqs, tables, block_size, device)
     backend = cls(NUM_HEADS, kv_heads, head_dim, head_dim**-0.5)
     if not backend.fuses_rotary(md):
@@ -379,7 +380,7 @@ def test_fused_rotary_equals_rotating_first(name, qk_norm):
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
 
-    cache = randn(*cls.kv_cache_shape(len(ids), block_size, kv_heads, head_dim))
+    cache = randn(*cls.kv_cache_shape(num_blocks, block_size, kv_heads, head_dim))
     q, k, v = randn(4, NUM_HEADS, head_dim), randn(4, kv_heads, head_dim), randn(4, kv_heads,
                                                                                  head_dim)
     norms = (1 + 0.3 * randn(head_dim), 1 + 0.3 * randn(head_dim), 1e-6) if qk_norm else None
