@@ -165,6 +165,7 @@ class TritonAttentionBackend(AttentionBackend):
         # (the combining program resets its own); grown eagerly, never inside a graph
         # capture, as the warm-up run before each capture has the graph's batch size.
         self._counters: torch.Tensor | None = None
+        self._old_counters: list[torch.Tensor] = []
         self._no_table: torch.Tensor | None = None
 
     # ---- configuration -----------------------------------------------------------------
@@ -213,6 +214,8 @@ class TritonAttentionBackend(AttentionBackend):
     def _counters_for(self, rows: int, device: torch.device) -> torch.Tensor:
         c = self._counters
         if c is None or c.shape[0] < rows or c.device != device:
+            if c is not None:  # a captured graph may still use it: never free it
+                self._old_counters.append(c)
             c = self._counters = torch.zeros((max(256, _next_pow2(rows)), self.num_kv_heads),
                                              dtype=torch.int32, device=device)
         return c
