@@ -88,7 +88,7 @@ class MLP(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config, options: DecoderOptions, attention_factory, rotary: RotaryEmbedding):
+    def __init__(self, config, options: DecoderOptions, attention_factory):
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
@@ -103,15 +103,15 @@ class SelfAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.rotary = rotary
         self.attn = attention_factory(self.num_heads, self.num_kv_heads, self.head_dim,
                                       self.head_dim**-0.5)
 
-    def forward(self, x, positions, rope, kv_cache, metadata):
-        return self.attend(self.qkv_proj(x), positions, rope, kv_cache, metadata)
+    def forward(self, x, rope, kv_cache, metadata):
+        return self.attend(self.qkv_proj(x), rope, kv_cache, metadata)
 
-    def attend(self, qkv, positions, rope, kv_cache, metadata):
-        """Attention from the qkv projection on, through o_proj."""
+    def attend(self, qkv, rope, kv_cache, metadata):
+        """Attention from the qkv projection on, through o_proj; ``rope`` is the step's
+        (cos, sin) (``RotaryEmbedding.cos_sin``)."""
         t = qkv.shape[0]
         q, k, v = qkv.split(self.shard_sizes["qkv_proj"], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -132,21 +132,21 @@ class SelfAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, options, attention_factory, rotary):
+    def __init__(self, config, options, attention_factory):
         super().__init__()
-        self.self_attn = SelfAttention(config, options, attention_factory, rotary)
+        self.self_attn = SelfAttention(config, options, attention_factory)
         self.mlp = MLP(config.hidden_size, config.intermediate_size,
                        getattr(config, "hidden_act", "silu"), options.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, residual, positions, rope, kv_cache, metadata):
+    def forward(self, x, residual, rope, kv_cache, metadata):
         """Returns (this layer's MLP output, the residual stream before it); the next norm
         adds them, so each add is fused into a norm (and at decode each norm into the
         projection after it)."""
         attn = self.self_attn
         qkv, residual = _norm_then_project(self.input_layernorm, attn.qkv_proj, x, residual)
-        h = attn.attend(qkv, positions, rope, kv_cache, metadata)
+        h = attn.attend(qkv, rope, kv_cache, metadata)
         gate_up, residual = _norm_then_project(self.post_attention_layernorm,
                                                self.mlp.gate_up_proj, h, residual)
         return self.mlp.down(gate_up), residual
@@ -169,7 +169,7 @@ class DecoderBody(nn.Module):
         self.rotary = RotaryEmbedding(head_dim, rope_parameters(config))
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, options, attention_factory, self.rotary)
+            DecoderLayer(config, options, attention_factory)
             for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -256,7 +256,7 @@ class DecoderForCausalLM(nn.Module):
         rope = self.model.rotary.cos_sin(positions, x.dtype, as_float32=use_fused(x))
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x, residual = layer(x, residual, positions, rope, kv_cache, metadata)
+            x, residual = layer(x, residual, rope, kv_cache, metadata)
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
