@@ -36,7 +36,6 @@ from pagedllm.dependent_launch import pdl_enabled
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PLAN_ATTR = "_triton_attention_plans"  # per-step launch plans, cached on the metadata
-_DECODE_ONLY_ATTR = "_triton_decode_only"
 
 
 def interpreting() -> bool:
@@ -64,12 +63,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _decode_only(md: AttentionMetadata) -> bool:
-    """Every row of the step is one decode token (cached on the step's metadata)."""
-    only = md.__dict__.get(_DECODE_ONLY_ATTR)
-    if only is None:
-        only = md.__dict__[_DECODE_ONLY_ATTR] = md.max_query_len == 1 or all(
-            n == 1 for n in md.query_lens_host)
-    return only
+    """Every row of the step is one decode token."""
+    return md.max_query_len == 1
 
 
 @dataclass
