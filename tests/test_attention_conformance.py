@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from pagedllm.attention import AttentionMetadata
 from pagedllm.plugin_manager import get_registry
 from pagedllm.plugins.attention.torch_backend import TorchAttentionBackend
+from paged_tables import shuffled_block_tables
 
 BACKENDS = get_registry().names("attention")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -123,21 +124,6 @@ def _reference_layout(cls, case: Case, num_blocks: int) -> bool:
     return tuple(actual) == tuple(expected) and cls.block_dim == 1
 
 
-def _shuffled_tables(rng: random.Random, seqs: list[Seq], block_size: int, spare: int
-                     ) -> tuple[list[list[int]], int]:
-    """Shuffled, non-contiguous block tables with ``spare`` blocks nobody owns; and the
-    number of blocks."""
-    needed = [-(-s.total // block_size) for s in seqs]
-    num_blocks = sum(needed) + spare
-    ids = list(range(num_blocks))
-    rng.shuffle(ids)
-    tables, at = [], 0
-    for n in needed:
-        tables.append(ids[at : at + n])
-        at += n
-    return tables, num_blocks
-
-
 def _metadata(seqs: list[Seq], tables: list[list[int]], block_size: int,
               device: torch.device) -> AttentionMetadata:
     """Metadata built the way the model runner builds it (tables padded with block 0)."""
@@ -199,7 +185,8 @@ def run_case(cls, case: Case, mode: str) -> None:
     queries = [randn(s.total, NUM_HEADS, d) for s in seqs]  # the context rows feed via_backend
     scale = rng.uniform(0.5, 1.5) * d**-0.5
 
-    tables, num_blocks = _shuffled_tables(rng, seqs, bs, spare=3)
+    # Shuffled, non-contiguous block tables with spare blocks nobody owns.
+    tables, num_blocks = shuffled_block_tables(rng, [s.total for s in seqs], bs, spare=3)
 
     backend = cls(NUM_HEADS, kvh, d, scale)
     # Stale garbage everywhere (what reused blocks hold): finite, and large enough that
@@ -371,7 +358,8 @@ def test_fused_rotary_equals_rotating_first(name, qk_norm):
     rng = random.Random(zlib.crc32(f"{name}{qk_norm}".encode()))
     gen = torch.Generator(device=device).manual_seed(rng.randrange(1 << 30))
     seqs = [Seq(rng.randint(0, 3 * block_size), 1) for _ in range(4)]
-    tables, num_blocks = _shuffled_tables(rng, seqs, block_size, spare=2)
+    tables, num_blocks = shuffled_block_tables(rng, [s.total for s in seqs], block_size,
+                                               spare=2)
     md = _metadata(seqs, tables, block_size, device)
     backend = cls(NUM_HEADS, kv_heads, head_dim, head_dim**-0.5)
     if not backend.fuses_rotary(md):

@@ -29,6 +29,7 @@ import torch
 from pagedllm.attention import AttentionMetadata
 from pagedllm.plugins.attention.torch_backend import TorchAttentionBackend
 from pagedllm.plugins.attention.triton_backend import TritonAttentionBackend, interpreting
+from paged_tables import shuffled_block_tables
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = interpreting()
@@ -68,14 +69,8 @@ def make_step(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, he
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device).to(dtype)
 
-    needed = [-(-(c + n) // block_size) for c, n in seqs]
-    num_blocks = sum(needed) + extra_blocks
-    ids = list(range(num_blocks))
-    rng.shuffle(ids)
-    tables, at = [], 0
-    for n in needed:
-        tables.append(ids[at: at + n])
-        at += n
+    tables, num_blocks = shuffled_block_tables(rng, [c + n for c, n in seqs], block_size,
+                                               extra_blocks)
     cache = randn(*TorchAttentionBackend.kv_cache_shape(
         num_blocks, block_size, num_kv_heads, head_dim)) * 3
     cached, slots = [], []
