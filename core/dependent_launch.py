@@ -8,10 +8,15 @@ writes, may be read before it: the GEMV streams them while the previous kernel e
 
 The contract for every kernel launched with ``launch_pdl=True``:
 
-- it calls ``gdc_wait()`` before touching any activation, cache or scratch buffer, and
-  writes nothing before it;
+- it calls ``gdc_wait()`` before it reads anything its predecessor may have written
+  (activations, the KV cache, scratch buffers), and writes nothing before it;
 - it calls ``gdc_launch_dependents()`` only after that wait, so at most one kernel runs
   ahead of the one it depends on.
+
+So when a kernel starts, every kernel before its predecessor has finished: before its wait
+it may read weights and what was written two or more kernels back (the decode kernel reads
+the step's metadata, copied in before the step's first kernel, and the step's rotary
+tables so).
 
 Kernels launched without PDL (torch's, cuBLAS's) wait for their predecessor as usual, so
 PDL and plain kernels mix freely in one stream and in CUDA graphs.
