@@ -27,6 +27,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="write a torch.profiler Chrome trace of 20 decode steps")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None, help="overlap host and device (default: on for CUDA)")
+    parser.add_argument("--ablate", choices=["attention"], default=None,
+                        help="profiling aid: skip the attention kernels (the tokens are then "
+                             "meaningless), so the TPOT difference is their cost in the step")
 
 
 def _sync(device) -> None:
@@ -64,11 +67,25 @@ def _trace_decode_steps(engine, prompt: list[int], path: str, steps: int = 20) -
           f"{device_us / 1e3:.3f} ms/step (kernel time; the rest is launch gaps or host)")
 
 
+def _skip_attention() -> None:
+    """Make every attention backend's forward return its query as the output, launching
+    nothing (this process only: it is a profiling run)."""
+    from pagedllm.plugin_manager import get_registry
+
+    def forward(self, query, key, value, kv_cache, metadata, rotary=None):
+        return query
+
+    for entry in get_registry().entries["attention"].values():
+        entry.cls.forward = forward
+
+
 def run(args) -> None:
     import torch
 
     from pagedllm import LLM, SamplingParams
 
+    if args.ablate == "attention":
+        _skip_attention()
     llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,
               attention_backend=args.attention_backend, max_num_seqs=8,
               enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
