@@ -124,9 +124,15 @@ class TritonAttentionBackend(AttentionBackend):
     # Decode splitting: aim for about this many programs per SM, never splitting a sequence
     # into partitions shorter than ``decode_min_partition`` tokens.  A test or a benchmark
     # can set them on an instance to force (or forbid) splitting.
-    decode_programs_per_sm = 4
+    decode_programs_per_sm = int(os.environ.get("PAGEDLLM_DECODE_PROGRAMS_PER_SM", 4))
     decode_min_partition = 128
     decode_max_splits = 128
+    # Warps per decode program: 8 up to this many decode rows, else 4.  A small batch is a
+    # chain of memory round trips in few programs, and 8 warps hold the first key tile across
+    # the PDL wait without spilling (ptxas for sm90: 4 warps spill 130-190 bytes, 8 none);
+    # PAGEDLLM_DECODE_WARPS fixes it, for benchmarking.
+    decode_wide_max_batch = 8
+    decode_num_warps = int(os.environ.get("PAGEDLLM_DECODE_WARPS", 0)) or None
 
     @classmethod
     def supports(cls, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -178,16 +184,18 @@ class TritonAttentionBackend(AttentionBackend):
             block_m, block_n = max(block_m // 2, 32), max(block_n // 2, 16)
         return max(block_m, _next_pow2(self.group)), block_n, warps, stages
 
-    def _decode_config(self, dtype: torch.dtype) -> tuple[int, int, int]:
+    def _decode_config(self, dtype: torch.dtype, num_decodes: int) -> tuple[int, int, int]:
         """(BLOCK_N keys, num_warps, num_stages) for the decode kernel.
 
         Swept on an H100 over W6 shapes (B 1-64, context 4k-32k, bf16, head_dim 128): 64 keys,
-        4 warps, 2 stages was within 1% of the best per shape on average; 3 stages (96 KB of
-        shared memory, two programs per SM) lost 18% at B=16.
+        2 stages was within 1% of the best per shape on average; 3 stages (96 KB of shared
+        memory, two programs per SM) lost 18% at B=16.  Warps: ``decode_num_warps``.
         """
+        warps = self.decode_num_warps or (8 if num_decodes <= self.decode_wide_max_batch
+                                          else 4)
         if self.head_dim <= 128 and dtype != torch.float32:
-            return 64, 4, 2
-        return 32, 4, 2
+            return 64, warps, 2
+        return 32, warps, 2
 
     def _splits(self, num_decodes: int, max_len: int, device) -> int:
         """Partitions per sequence for one decode launch (the kernel sizes each sequence's)."""
@@ -281,9 +289,8 @@ class TritonAttentionBackend(AttentionBackend):
         strides = (query.stride(0), query.stride(1), out.stride(0), out.stride(1),
                    cb, cs, ch, metadata.block_tables.stride(0))
         if plan.num_decodes:
-            new_kv = (key, value) if fused_write else None
             self._decode(k, query, key_cache, value_cache, out, metadata, plan, strides, dot,
-                         new_kv, rotary, launch)
+                         (key, value), fused_write, rotary, launch)
         if plan.num_tiles:
             k.prefill_kernel[(plan.num_tiles, self.num_kv_heads)](
                 query, key_cache, value_cache, out, *common, plan.tile_seq, plan.tile_start,
@@ -295,13 +302,13 @@ class TritonAttentionBackend(AttentionBackend):
         return out
 
     def _decode(self, k, query, key_cache, value_cache, out, md, plan: _Plan, strides, dot,
-                new_kv: tuple[torch.Tensor, torch.Tensor] | None,
+                new_kv: tuple[torch.Tensor, torch.Tensor], write_kv: bool,
                 rotary: RotaryInputs | None, launch: dict):
-        """``new_kv``: (key, value) of the step's tokens, for the kernel to write into the
-        cache first (rotated by ``rotary`` when given, as q is); None when they are already
-        there."""
-        block_n, warps, stages = self._decode_config(key_cache.dtype)
+        """``new_kv``: (key, value) of the step's tokens (rotated by ``rotary`` when given, as
+        q is): the kernel takes each sequence's new token from them, not from the cache,
+        and with ``write_kv`` stores it in the cache too."""
         nd = plan.num_decodes
+        block_n, warps, stages = self._decode_config(key_cache.dtype, nd)
         splits = self._splits(nd, plan.max_decode_len, query.device)
         dense = plan.decode_ids is None
         ids = md.seq_lens if dense else plan.decode_ids  # unused when dense
@@ -314,7 +321,7 @@ class TritonAttentionBackend(AttentionBackend):
             counters = self._counters_for(nd, query.device)
         else:
             part_m = part_l = part_o = counters = out  # unused
-        key, value = new_kv if new_kv is not None else (query, query)  # unused when None
+        key, value = new_kv
         if rotary is not None:
             cos, sin = rotary.cos, rotary.sin
             if cos.stride(-1) != 1 or sin.stride(0) != cos.stride(0):
@@ -328,12 +335,13 @@ class TritonAttentionBackend(AttentionBackend):
         k.decode_kernel[(nd, self.num_kv_heads, splits)](
             query, key_cache, value_cache, out, part_o, part_m, part_l, counters,
             md.block_tables, md.seq_lens, md.query_start_loc, ids,
-            key, value, md.slot_mapping, int(new_kv is not None),
+            key, value, md.slot_mapping, int(write_kv),
             0 if rotary is None else (2 if rotary.q_norm is not None else 1), *rope,
             self.scale, *strides,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-            ONE_SPLIT=splits == 1, SPLITS_PAD=_next_pow2(splits), DENSE=dense,
+            ONE_SPLIT=splits == 1, DENSE=dense,
             GROUP=self.group, GROUP_PAD=max(16, _next_pow2(self.group)),
+            GROUP_P2=_next_pow2(self.group),
             HEAD_DIM=self.head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n,
             **dot, **launch, num_warps=warps, num_stages=stages,
         )

@@ -40,7 +40,7 @@ except ImportError:  # USE_PDL is then never set, and the names are never compil
     gdc_launch_dependents = gdc_wait = None
 
 LOG2E = tl.constexpr(1.4426950408889634)
-COMBINE_CHUNK = tl.constexpr(16)  # partitions combined per step of decode_kernel's combine
+COMBINE_ROWS = tl.constexpr(32)  # (head, partition) pairs per round of decode_kernel's combine
 
 # Integer arguments that change from step to step (token counts, block-table widths,
 # split counts) are not specialized on: Triton would otherwise compile a new variant
@@ -99,14 +99,32 @@ def _rope_rows(ptr, row_off, row_ok, d, cos, sin, norm_w_ptr, eps, qk_norm,
     return o.to(dtype)
 
 
+@triton.jit
+def _attend_tile(q, kt, v, ok, m_i, l_i, acc, qk_scale,
+                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step of decode attention over a key tile (``ok``: its real keys)."""
+    if DOT_FP32:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: see decode_kernel
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["stride_bt", "write_kv", "rope"])
 def decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     counter_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, seq_ids_ptr,
     key_ptr, value_ptr, slot_ptr,
-    # 1: write the new token's K/V first (decode-only steps, instead of write_kv_kernel).
-    # A runtime flag, not a constexpr: a second compiled variant would first be needed at
-    # a running engine's first mixed step and stall it for the compile (W1 lost 0.6 s so).
+    # 1: write the new token's K/V into the cache (decode-only steps, instead of
+    # write_kv_kernel).  A runtime flag, not a constexpr: a second compiled variant would
+    # first be needed at a running engine's first mixed step and stall it for the compile
+    # (W1 lost 0.6 s so).
     write_kv,
     # 1: q and k arrive unrotated (RotaryInputs): rotate them here; 2: with q/k norms.
     # Runtime values, not constexprs, for the reason write_kv is one: mixed steps (rope 0)
@@ -118,18 +136,18 @@ def decode_kernel(
     stride_cb, stride_cs, stride_ch, stride_bt,
     stride_kt, stride_kh, stride_vt, stride_vh,
     ONE_SPLIT: tl.constexpr,  # one partition per sequence (grid axis 2): write final output
-    SPLITS_PAD: tl.constexpr,  # next power of two of the grid's partitions
     DENSE: tl.constexpr,  # decode i is batch row i (no seq_ids map)
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     i = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     # Before the PDL wait only what no kernel of the last two wrote: the step's metadata
-    # (copied in before the step's first kernel) and the rotary tables (the step's first
-    # kernels), so these loads overlap the qkv projection's end.
+    # (copied in before the step's first kernel), the rotary tables (the step's first
+    # kernels) and the cached keys before the new token (earlier steps).  So the first key
+    # tile is on its way while the qkv projection ends.
     if DENSE:
         seq = i
     else:
@@ -151,33 +169,23 @@ def decode_kernel(
         has_rope = (d * 0 + rope) != 0  # masks that read nothing without rotary
         cos = tl.load(cos_ptr + tok * stride_ct + d, mask=has_rope, other=0.0)[None, :]
         sin = tl.load(sin_ptr + tok * stride_ct + d, mask=has_rope, other=0.0)[None, :]
-        last = seq_len - 1
+        last = seq_len - 1  # the step's new token; this partition holds it if last < end
         slot = tl.load(slot_ptr + tok, mask=(write_kv != 0) & (last < end), other=-1
                        ).to(tl.int64)
+        table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        head_off = kv_head * stride_ch
+        # The new token never comes from the cache (it comes from key/value below), so
+        # the tiles cover the keys before it, all written by earlier steps.
+        old_end = tl.minimum(end, last)
+        pos = start + tl.arange(0, BLOCK_N)
+        ok = pos < old_end
+        blk = tl.load(table_row + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+        base = blk * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
+        kt = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=ok[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
         if USE_PDL:
             gdc_wait()
             gdc_launch_dependents()
-        if write_kv != 0:
-            # The one program whose partition holds the new token (the sequence's last)
-            # puts its K/V in the cache, then reads them back with the rest: a decode-only
-            # step needs no write kernel of its own.  A negative slot (graph padding)
-            # writes nothing.
-            if last < end:
-                if slot >= 0:
-                    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
-                        + kv_head * stride_ch + d
-                    if rope != 0:
-                        one = tl.arange(0, 1)
-                        k_new = _rope_rows(key_ptr + tok * stride_kt,
-                                           one * 0 + kv_head * stride_kh, one == 0, d,
-                                           cos, sin, k_norm_ptr, norm_eps, rope == 2, HEAD_DIM)
-                        tl.store(k_cache_ptr + dst[None, :], k_new)
-                    else:
-                        tl.store(k_cache_ptr + dst, tl.load(key_ptr + tok * stride_kt
-                                                            + kv_head * stride_kh + d))
-                    tl.store(v_cache_ptr + dst, tl.load(value_ptr + tok * stride_vt
-                                                        + kv_head * stride_vh + d))
-                tl.debug_barrier()  # the whole program sees the stores before the loads below
         if rope != 0:
             q = _rope_rows(q_ptr + tok * stride_qt, heads * stride_qh, row_ok, d, cos, sin,
                            q_norm_ptr, norm_eps, rope == 2, HEAD_DIM)
@@ -188,41 +196,55 @@ def decode_kernel(
         if DOT_FP32:
             q = q.to(tl.float32)
         qk_scale = scale * LOG2E  # applied to float32 scores, not to q: no extra rounding
-        table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-        head_off = kv_head * stride_ch
 
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
+        if last < end:
+            # The new token, straight from the step's key/value (rotated here with rope):
+            # its score and value open this partition's softmax, and with write_kv it is
+            # stored in the cache for later steps; no store is read back, so no barrier.
+            if rope != 0:
+                one = tl.arange(0, 1)
+                k_new = _rope_rows(key_ptr + tok * stride_kt, one * 0 + kv_head * stride_kh,
+                                   one == 0, d, cos, sin, k_norm_ptr, norm_eps, rope == 2,
+                                   HEAD_DIM)
+            else:
+                k_new = tl.load(key_ptr + tok * stride_kt + kv_head * stride_kh + d)[None, :]
+            k_new = k_new.to(k_cache_ptr.dtype.element_ty)
+            v_new = tl.load(value_ptr + tok * stride_vt + kv_head * stride_vh + d
+                            ).to(v_cache_ptr.dtype.element_ty)
+            if slot >= 0:  # a negative slot (graph padding) writes nothing
+                dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
+                    + kv_head * stride_ch + d
+                tl.store(k_cache_ptr + dst[None, :], k_new)
+                tl.store(v_cache_ptr + dst, v_new)
+            m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * qk_scale
+            l_i += 1.0
+            acc += v_new.to(tl.float32)[None, :]
+        # Every tile's softmax max is finite: a partition without the new token has its
+        # first key in its first tile, one with it starts from the new token's score.
+        m_i, l_i, acc = _attend_tile(q, kt, v, ok, m_i, l_i, acc, qk_scale, DOT_FP32,
+                                     DOT_PRECISION)
+        for n0 in range(start + BLOCK_N, old_end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
-            valid = pos < end
-            blk = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            ok = pos < old_end
+            blk = tl.load(table_row + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
             base = blk * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
-            kt = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=valid[None, :],
+            kt = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=ok[None, :],
                          other=0.0)
-            v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=valid[:, None],
+            v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=ok[:, None],
                         other=0.0)
-            if DOT_FP32:
-                kt = kt.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: position n0 is always valid
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, kt, v, ok, m_i, l_i, acc, qk_scale, DOT_FP32,
+                                         DOT_PRECISION)
 
+        o = acc / l_i[:, None]
         if ONE_SPLIT:
-            o = acc / l_i[:, None]
             tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
                      o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         else:
             # A normalized partial output and its softmax max and sum; part_* are
             # [num_decodes, num_heads, num_splits(, HEAD_DIM)], contiguous.
-            o = acc / l_i[:, None]
             num_splits = tl.num_programs(2)
             row = (i.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
             tl.store(part_m_ptr + row, m_i, mask=row_ok)
@@ -239,33 +261,36 @@ def decode_kernel(
             ticket = tl.atomic_add(counter, 1, sem="acq_rel")
             if ticket == used - 1:
                 tl.atomic_xchg(counter, 0)  # ready for the next step
-                sp = tl.arange(0, SPLITS_PAD)
-                for h in tl.static_range(GROUP):
-                    head = kv_head * GROUP + h
-                    base_row = (i.to(tl.int64) * (GROUP * tl.num_programs(1)) + head) \
-                        * num_splits
-                    pm = tl.load(part_m_ptr + base_row + sp, mask=sp < used,
-                                 other=float("-inf"), cache_modifier=".cg")
-                    m_max = tl.max(pm, axis=0)  # finite: partition 0 holds position 0
-                    comb = tl.zeros([HEAD_DIM], tl.float32)
-                    w_acc = tl.zeros([COMBINE_CHUNK], tl.float32)
-                    # In chunks of partitions: [SPLITS_PAD, HEAD_DIM] would not fit in
-                    # registers.
-                    for c0 in range(0, used, COMBINE_CHUNK):
-                        c = c0 + tl.arange(0, COMBINE_CHUNK)
-                        ok = c < used
-                        cm = tl.load(part_m_ptr + base_row + c, mask=ok, other=float("-inf"),
-                                     cache_modifier=".cg")
-                        cl = tl.load(part_l_ptr + base_row + c, mask=ok, other=0.0,
-                                     cache_modifier=".cg")
-                        wt = tl.exp2(cm - m_max) * cl
-                        po = tl.load(part_out_ptr + (base_row + c)[:, None] * HEAD_DIM
-                                     + d[None, :], mask=ok[:, None], other=0.0,
-                                     cache_modifier=".cg")
-                        comb += tl.sum(po * wt[:, None], axis=0)
-                        w_acc += wt
-                    tl.store(out_ptr + tok * stride_ot + head * stride_oh + d,
-                             (comb / tl.sum(w_acc, axis=0)).to(out_ptr.dtype.element_ty))
+                # All the group's heads at once, partitions in chunks with a running max:
+                # up to COMBINE_ROWS // GROUP_P2 partitions take one round of loads.
+                CHUNK: tl.constexpr = COMBINE_ROWS // GROUP_P2
+                hg = tl.arange(0, GROUP_P2)
+                h_ok = hg < GROUP
+                hrow = (i.to(tl.int64) * (GROUP * tl.num_programs(1)) + kv_head * GROUP + hg) \
+                    * num_splits
+                m_run = tl.full([GROUP_P2], float("-inf"), tl.float32)
+                w_sum = tl.zeros([GROUP_P2], tl.float32)
+                comb = tl.zeros([GROUP_P2, HEAD_DIM], tl.float32)
+                for c0 in range(0, used, CHUNK):
+                    c = c0 + tl.arange(0, CHUNK)
+                    cok = h_ok[:, None] & (c < used)[None, :]
+                    idx = hrow[:, None] + c[None, :]
+                    cm = tl.load(part_m_ptr + idx, mask=cok, other=float("-inf"),
+                                 cache_modifier=".cg")
+                    cl = tl.load(part_l_ptr + idx, mask=cok, other=0.0, cache_modifier=".cg")
+                    po = tl.load(part_out_ptr + idx[:, :, None] * HEAD_DIM + d[None, None, :],
+                                 mask=cok[:, :, None], other=0.0, cache_modifier=".cg")
+                    # finite for real heads: partition 0 is in the first chunk
+                    m_new = tl.where(h_ok, tl.maximum(m_run, tl.max(cm, axis=1)), 0.0)
+                    a = tl.exp2(m_run - m_new)
+                    wt = tl.exp2(cm - m_new[:, None]) * cl
+                    comb = comb * a[:, None] + tl.sum(po * wt[:, :, None], axis=1)
+                    w_sum = w_sum * a + tl.sum(wt, axis=1)
+                    m_run = m_new
+                out_heads = kv_head * GROUP + hg
+                tl.store(out_ptr + tok * stride_ot + out_heads[:, None] * stride_oh
+                         + d[None, :], (comb / w_sum[:, None]).to(out_ptr.dtype.element_ty),
+                         mask=h_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
