@@ -15,8 +15,8 @@ The contract for every kernel launched with ``launch_pdl=True``:
 
 So when a kernel starts, every kernel before its predecessor has finished: before its wait
 it may read weights and what was written two or more kernels back (the decode kernel reads
-the step's metadata, copied in before the step's first kernel, and the step's rotary
-tables so).
+the step's metadata, copied in before the step's first kernel, the step's rotary tables,
+and the cached keys and values of earlier steps so).
 
 Kernels launched without PDL (torch's, cuBLAS's) wait for their predecessor as usual, so
 PDL and plain kernels mix freely in one stream and in CUDA graphs.

@@ -123,16 +123,16 @@ class TritonAttentionBackend(AttentionBackend):
 
     # Decode splitting: aim for about this many programs per SM, never splitting a sequence
     # into partitions shorter than ``decode_min_partition`` tokens.  A test or a benchmark
-    # can set them on an instance to force (or forbid) splitting.
+    # can set them on an instance to force (or forbid) splitting; PAGEDLLM_DECODE_PROGRAMS_PER_SM
+    # sets the first, for benchmarking.
     decode_programs_per_sm = int(os.environ.get("PAGEDLLM_DECODE_PROGRAMS_PER_SM", 4))
     decode_min_partition = 128
     decode_max_splits = 128
-    # Warps per decode program: 8 up to this many decode rows, else 4.  A small batch is a
-    # chain of memory round trips in few programs, and 8 warps hold the first key tile across
-    # the PDL wait without spilling (ptxas for sm90: 4 warps spill 130-190 bytes, 8 none);
-    # PAGEDLLM_DECODE_WARPS fixes it, for benchmarking.
-    decode_wide_max_batch = 8
-    decode_num_warps = int(os.environ.get("PAGEDLLM_DECODE_WARPS", 0)) or None
+    # Warps per decode program.  On the H200 (device call 2, 2026-12-02, ``bench kernels``)
+    # 4 beat 8 from B=8 up (W6 B=128 ctx 4096: 501 against 586 us) and tied at B=1 (W2:
+    # 0.797 against 0.796 ms), though ptxas has 4 warps spill 130-190 bytes and 8 none.
+    # PAGEDLLM_DECODE_WARPS overrides it, for benchmarking.
+    decode_num_warps = int(os.environ.get("PAGEDLLM_DECODE_WARPS", 4))
 
     @classmethod
     def supports(cls, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -184,15 +184,14 @@ class TritonAttentionBackend(AttentionBackend):
             block_m, block_n = max(block_m // 2, 32), max(block_n // 2, 16)
         return max(block_m, _next_pow2(self.group)), block_n, warps, stages
 
-    def _decode_config(self, dtype: torch.dtype, num_decodes: int) -> tuple[int, int, int]:
+    def _decode_config(self, dtype: torch.dtype) -> tuple[int, int, int]:
         """(BLOCK_N keys, num_warps, num_stages) for the decode kernel.
 
         Swept on an H100 over W6 shapes (B 1-64, context 4k-32k, bf16, head_dim 128): 64 keys,
         2 stages was within 1% of the best per shape on average; 3 stages (96 KB of shared
         memory, two programs per SM) lost 18% at B=16.  Warps: ``decode_num_warps``.
         """
-        warps = self.decode_num_warps or (8 if num_decodes <= self.decode_wide_max_batch
-                                          else 4)
+        warps = self.decode_num_warps
         if self.head_dim <= 128 and dtype != torch.float32:
             return 64, warps, 2
         return 32, warps, 2
@@ -308,7 +307,7 @@ class TritonAttentionBackend(AttentionBackend):
         q is): the kernel takes each sequence's new token from them, not from the cache,
         and with ``write_kv`` stores it in the cache too."""
         nd = plan.num_decodes
-        block_n, warps, stages = self._decode_config(key_cache.dtype, nd)
+        block_n, warps, stages = self._decode_config(key_cache.dtype)
         splits = self._splits(nd, plan.max_decode_len, query.device)
         dense = plan.decode_ids is None
         ids = md.seq_lens if dense else plan.decode_ids  # unused when dense

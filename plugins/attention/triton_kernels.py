@@ -13,12 +13,15 @@ Kernels:
 - ``write_kv_kernel``: copies each new token's K/V into its cache slot (``slot_mapping``);
   decode-only steps leave that to ``decode_kernel`` (its ``write_kv`` flag).
 - ``decode_kernel``: flash-decoding.  One program = one decode sequence x one KV head x one
-  partition of the context (each sequence's length split evenly over the partitions).  The program holds every query head of that KV head's GQA group
-  as rows of one tile, so each K/V tile is loaded once for the whole group.  With one
-  partition it writes the final output; otherwise it writes a normalized partial output and
-  its softmax max and sum, and the sequence's last partition to finish (an atomic counter
-  per sequence and KV head) combines them.  With ``rope`` set it also applies the rotary
-  embedding (and Qwen3's q/k norm) to q and to the new key it writes.
+  partition of the context (each sequence's length split evenly over the partitions).  The
+  program holds every query head of that KV head's GQA group as rows of one tile, so each
+  K/V tile is loaded once for the whole group.  The sequence's new token is taken from the
+  step's key/value (in registers, never read back from the cache), so the partition's first
+  tile of older keys can be requested before the PDL wait.  With one partition it writes
+  the final output; otherwise it writes a normalized partial output and its softmax max and
+  sum, and the sequence's last partition to finish (an atomic counter per sequence and KV
+  head) combines them, all the group's heads in one round of loads.  With ``rope`` set it
+  also applies the rotary embedding (and Qwen3's q/k norm) to q and to the new key.
 - ``prefill_kernel``: causal flash attention (online softmax) over paged K/V for query
   chunks that sit at the end of their context (fresh prompts, prompt chunks, prefix-cache
   hits).  One program = one tile of query tokens x one KV head, again with the group's query
