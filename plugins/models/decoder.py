@@ -9,6 +9,7 @@ activation are ``fused_ops`` (one Triton kernel each on CUDA).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -57,12 +58,30 @@ def _act(name: str):
     raise ValueError(f"hidden_act: {name!r} is not supported (silu, gelu, gelu_pytorch_tanh)")
 
 
+# How many products ahead a decode GEMV pulls a weight into L2 (``prefetch_target``); 0
+# turns it off.  PAGEDLLM_L2_PREFETCH_DISTANCE overrides it, for benchmarking.
+L2_PREFETCH_DISTANCE = int(os.environ.get("PAGEDLLM_L2_PREFETCH_DISTANCE", 1))
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` whose few-row products (decode at small batch) run as a Triton GEMV
-    on CUDA (``fused_ops.linear``); quantization plugins replace it like any nn.Linear."""
+    on CUDA (``fused_ops.linear``); quantization plugins replace it like any nn.Linear.
+
+    ``prefetch_next``: a one-tuple holding the module whose product comes later in the
+    step (a tuple, so that nn.Module does not adopt it), whose weight the GEMV pulls into
+    L2 while kernels hand over; set by ``DecoderForCausalLM``."""
+
+    prefetch_next: tuple[nn.Module] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, prefetch=prefetch_target(self))
+
+
+def prefetch_target(module: nn.Module) -> torch.Tensor | None:
+    """The weight ``module``'s product should pull into L2, or None."""
+    nxt = getattr(module, "prefetch_next", None)
+    weight = getattr(nxt[0], "weight", None) if nxt else None
+    return weight if isinstance(weight, torch.Tensor) else None
 
 
 class MLP(nn.Module):
@@ -81,7 +100,8 @@ class MLP(nn.Module):
         """The MLP from its gate/up projection on."""
         if self.silu:
             if type(self.down_proj) is Linear:  # not replaced by a quantization method
-                return silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+                return silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias,
+                                       prefetch=prefetch_target(self.down_proj))
             return self.down_proj(silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
@@ -155,7 +175,8 @@ class DecoderLayer(nn.Module):
 def _norm_then_project(norm: RMSNorm, proj: nn.Module, x, residual):
     """(proj(norm(x + residual)), x + residual), with x alone when residual is None."""
     if type(proj) is Linear:  # not replaced by a quantization method: one fused op
-        return rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias)
+        return rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias,
+                               prefetch=prefetch_target(proj))
     if residual is None:
         return proj(norm(x)), x
     h, residual = norm(x, residual)
@@ -166,7 +187,9 @@ class DecoderBody(nn.Module):
     def __init__(self, config, options, attention_factory):
         super().__init__()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.rotary = RotaryEmbedding(head_dim, rope_parameters(config))
+        self.rotary = RotaryEmbedding(
+            head_dim, rope_parameters(config),
+            getattr(config, "max_position_embeddings", None) or 2048)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, options, attention_factory)
@@ -191,6 +214,20 @@ class DecoderForCausalLM(nn.Module):
         self.to(dtype)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._chain_prefetches(L2_PREFETCH_DISTANCE)
+
+    def _chain_prefetches(self, distance: int) -> None:
+        """Each layer's products in step order (qkv, o, gate_up, down, the next layer's
+        qkv ...); each GEMV pulls the weight ``distance`` products on into L2, so that
+        memory keeps streaming through the attention kernel and the hand-overs between
+        kernels (``fused_ops.l2_prefetch_applies`` says which weights qualify)."""
+        chain = []
+        for layer in self.model.layers:
+            chain += [layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                      layer.mlp.gate_up_proj, layer.mlp.down_proj]
+        for j, module in enumerate(chain):
+            module.prefetch_next = (chain[j + distance],) if 0 < distance < len(chain) - j \
+                else None
 
     def _place(self, name: str) -> torch.Tensor | None:
         """The tensor (a parameter, or a shard of a stacked one) a checkpoint name loads into."""

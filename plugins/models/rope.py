@@ -1,7 +1,9 @@
 """Rotary position embeddings, including the ``llama3`` and ``linear`` frequency scalings.
 
-Frequencies are computed from the positions of each step's tokens (no position table), in
-float32 as HF transformers does, so logits match it closely.
+Frequencies are computed in float32 as HF transformers computes them, so logits match it
+closely: from each step's positions on the reference path, and once, for every position, into
+the table that the fused (CUDA) path gathers its rows from (the same float32 operations on
+the same values, so the same tables).
 """
 from __future__ import annotations
 
@@ -47,11 +49,14 @@ def inverse_frequencies(head_dim: int, params: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    def __init__(self, head_dim: int, params: dict):
+    def __init__(self, head_dim: int, params: dict, max_positions: int = 2048):
         super().__init__()
         self.head_dim = head_dim
+        self.max_positions = max_positions
         self._inv_freq_cpu = inverse_frequencies(head_dim, params)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        # (device, dtype) -> [max_positions, 2, head_dim] float32: cos, sin rounded to dtype
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
         inv_freq = self._inv_freq.get(device)
@@ -63,14 +68,28 @@ class RotaryEmbedding(torch.nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each [tokens, 1, head_dim], rounded to ``dtype`` as the reference
         rounds them; ``as_float32`` holds those rounded values in float32 tensors (what the
-        fused rotary kernel wants)."""
+        fused rotary kernels want), gathered from a table in one kernel (computing them is
+        eight small kernels a step).  Positions must be below ``max_positions`` (the engine
+        keeps max_model_len within the model's context)."""
+        if as_float32:
+            rows = self._table(positions.device, dtype).index_select(0, positions)
+            return rows[:, 0:1], rows[:, 1:2]
+        return self._compute(positions, dtype)
+
+    def _compute(self, positions: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inverse_frequencies(positions.device)
         freqs = positions.float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
-        if as_float32:
-            return cos.float(), sin.float()
-        return cos, sin
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+    def _table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        table = self._tables.get(key)
+        if table is None:  # built outside any graph capture: the engine's warm-up runs first
+            cos, sin = self._compute(torch.arange(self.max_positions, device=device), dtype)
+            table = self._tables[key] = torch.cat((cos, sin), dim=1).float()
+        return table
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
