@@ -145,7 +145,8 @@ class ModelRunner:
         width = self.graphs.table_width if graph_batch else max_blocks
         layout = StepLayout(rows_total, seqs_total, len(sample_rows), len(fill_dst), width)
         cut = layout.slices()
-        host = self._stage(layout.size)
+        size = cut["fill_src"].stop  # layout.size, without laying it out again
+        host = self._stage(size)
         for name, value in (("ids", ids), ("positions", pos), ("slots", slots),
                             ("seq_lens", seq_lens), ("qsl", qsl), ("sample_rows", sample_rows),
                             ("fill_dst", fill_dst), ("fill_src", fill_src)):
@@ -156,11 +157,11 @@ class ModelRunner:
         tables = host[cut["tables"]].reshape(seqs_total, width)
         tables[:num_seqs, :max_blocks] = kv.table_array.array[table_rows, :max_blocks]
         tables[num_seqs:, :1] = 0
-        src = torch.from_numpy(host[: layout.size])
+        src = torch.from_numpy(host[:size])
         if graph_batch:
-            dev = self.graphs.buffer(layout.size)
+            dev = self.graphs.buffer(size)
         else:
-            dev = torch.empty(layout.size, dtype=torch.int32, device=self.device)
+            dev = torch.empty(size, dtype=torch.int32, device=self.device)
         dev.copy_(src, non_blocking=self.device.type == "cuda")
         view = {name: dev[s] for name, s in cut.items()}
         input_ids = view["ids"]

@@ -58,9 +58,11 @@ def _act(name: str):
     raise ValueError(f"hidden_act: {name!r} is not supported (silu, gelu, gelu_pytorch_tanh)")
 
 
-# How many products ahead a decode GEMV pulls a weight into L2 (``prefetch_target``); 0
-# turns it off.  PAGEDLLM_L2_PREFETCH_DISTANCE overrides it, for benchmarking.
-L2_PREFETCH_DISTANCE = int(os.environ.get("PAGEDLLM_L2_PREFETCH_DISTANCE", 1))
+# How many products ahead a decode GEMV pulls a weight into L2 (``prefetch_target``); 0,
+# the default, turns it off: on the H200 (2026-12-02, W2 Qwen3-0.6B) distances 1-3 did not
+# beat 0 (host-bound runs at 1; 0.842 ms device-bound at 3).  PAGEDLLM_L2_PREFETCH_DISTANCE
+# sets it, for benchmarking.
+L2_PREFETCH_DISTANCE = int(os.environ.get("PAGEDLLM_L2_PREFETCH_DISTANCE", 0))
 
 
 class Linear(nn.Linear):
