@@ -5,8 +5,11 @@ A decode step's launches are the same for every batch of one size when the atten
 backend promises so (``AttentionBackend.cuda_graph_decode``): then a graph captured once per
 size replaces hundreds of kernel launches by one.  A batch is padded up to the next captured
 size; padded rows hold token 0 at position 0 with ``seq_lens`` 1, block table row 0 and slot
--1, so they write no K/V and their outputs are dropped.  Graphs cover the model body; the
-LM head runs eagerly on the rows that sample, which keeps the graphs' memory small.
+-1, so they write no K/V and their outputs are dropped.  Graphs cover the model body, and
+for batches up to ``logits_max_batch`` the LM head too: there the host's launch of it (a
+Triton GEMV at batch 1, tens of microseconds of Python) would be a good part of the step.
+Larger batches run the LM head eagerly on the rows that sample, which keeps the graphs'
+memory small (every captured size keeps its outputs).
 """
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ def batch_ladder(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], device: torch.device,
-                 max_batch: int, max_model_len: int, block_size: int):
+                 max_batch: int, max_model_len: int, block_size: int,
+                 logits_max_batch: int = 8):
         self.model = model
+        self.logits_max_batch = logits_max_batch
         self.kv_caches = kv_caches
         self.device = device
         self.max_model_len = max_model_len
@@ -38,7 +43,9 @@ class DecodeGraphs:
         # The step buffer of the largest batch: every row samples and may need a fill.
         self._buffer = torch.zeros(StepLayout(b, b, b, b, self.table_width).size,
                                    dtype=torch.int32, device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # size -> (graph, hidden states, logits of every row or None)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor,
+                                      torch.Tensor | None]] = {}
 
     @property
     def max_batch(self) -> int:
@@ -70,6 +77,10 @@ class DecodeGraphs:
             seq_lens_host=[self.max_model_len] * b)
         return ids, pos, md
 
+    def _forward(self, ids, pos, md, with_logits: bool):
+        hidden = self.model(ids, pos, self.kv_caches, md)
+        return hidden, (self.model.compute_logits(hidden) if with_logits else None)
+
     @torch.inference_mode()
     def capture(self, log: Callable[[str], None] | None = None) -> None:
         """Capture every size of the ladder, largest first (later ones reuse its memory)."""
@@ -77,19 +88,21 @@ class DecodeGraphs:
         before = torch.cuda.memory_reserved(self.device)
         for b in reversed(self.sizes):
             ids, pos, md = self._static_inputs(b)
-            self.model(ids, pos, self.kv_caches, md)  # compiles kernels, sets up cuBLAS
+            with_logits = b <= self.logits_max_batch
+            self._forward(ids, pos, md, with_logits)  # compiles kernels, sets up cuBLAS
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.model(ids, pos, self.kv_caches, md)
-            self._graphs[b] = (graph, out)
+                out, logits = self._forward(ids, pos, md, with_logits)
+            self._graphs[b] = (graph, out, logits)
         torch.cuda.synchronize(self.device)
         if log:
             extra = (torch.cuda.memory_reserved(self.device) - before) / 2**20
             log(f"CUDA graphs captured for decode batches {self.sizes[0]}..{self.sizes[-1]} "
                 f"({len(self.sizes)} sizes, {extra:.0f} MiB)")
 
-    def replay(self, b: int) -> torch.Tensor:
-        graph, out = self._graphs[b]
+    def replay(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states [b, hidden], logits [b, vocab] or None above logits_max_batch)."""
+        graph, out, logits = self._graphs[b]
         graph.replay()
-        return out
+        return out, logits

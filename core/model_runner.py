@@ -184,13 +184,18 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> torch.Tensor:
         """Launch the batch; return logits [len(sample_requests), vocab] (not synchronized)."""
+        logits = None
         if model_input.graph_batch:
-            hidden = self.graphs.replay(model_input.graph_batch)
+            hidden, logits = self.graphs.replay(model_input.graph_batch)
             self.num_graph_steps += 1
         else:
             hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
                                 model_input.metadata)
         self.num_tokens_computed += model_input.num_tokens
-        if not model_input.sample_requests:
+        n = len(model_input.sample_requests)
+        if not n:
             return hidden.new_empty((0, 0))
+        if logits is not None and n == model_input.num_tokens:
+            # The graph computed every row's logits; a decode batch samples rows 0..n-1.
+            return logits[:n]
         return self.model.compute_logits(hidden.index_select(0, model_input.sample_rows))

@@ -230,26 +230,3 @@ def test_rotary_table_rows_equal_the_tables_computed_per_step(dtype, rope_type):
     assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (37, 1, 32)
     assert torch.equal(cos, want_cos.float()) and torch.equal(sin, want_sin.float())
     assert cos.stride(-1) == 1 and sin.stride(0) == cos.stride(0)
-
-
-@pytest.mark.skipif(not CUDA, reason="the L2 prefetch is compiled for CUDA sm90+ only")
-@pytest.mark.parametrize("k,with_norm", [(1024, True), (3072, False), (4160, False)])
-def test_gemv_with_l2_prefetch_gives_the_same_product(k, with_norm):
-    """Pulling another weight into L2 is a hint: the GEMV's output must not change, on the
-    one-tile and the tiled paths, with and without a norm prologue."""
-    gen = torch.Generator().manual_seed(k)
-    x = torch.randn(1, k, generator=gen).to(DEVICE, torch.bfloat16)
-    w = (torch.randn(96, k, generator=gen) / k**0.5).to(DEVICE, torch.bfloat16)
-    nxt = torch.randn(4096, 777, generator=gen).to(DEVICE, torch.bfloat16)  # odd-sized
-    norm_w = (1 + 0.2 * torch.randn(k, generator=gen)).to(DEVICE, torch.bfloat16)
-    applies = fused_ops.l2_prefetch_applies(nxt, x.device)
-    assert applies == (torch.cuda.get_device_capability()[0] >= 9)
-    if with_norm:
-        want, _ = fused_ops.rms_norm_linear(x, None, norm_w, 1e-6, w)
-        got, _ = fused_ops.rms_norm_linear(x, None, norm_w, 1e-6, w, prefetch=nxt)
-    else:
-        want = fused_ops.linear(x, w)
-        got = fused_ops.linear(x, w, prefetch=nxt)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert not fused_ops.l2_prefetch_applies(nxt[:, :100], x.device)  # not contiguous
-    assert not fused_ops.l2_prefetch_applies(nxt.cpu(), x.device)

@@ -112,21 +112,29 @@ def test_cuda_graphs_and_async_change_no_token(dtype, tmp_path):
     assert same == 37 if dtype == "float32" else same >= 33
 
 
-def test_cuda_graph_logits_equal_eager(tmp_path):
-    """One decode batch: the graph's hidden states equal an eager forward's (fp32)."""
+@pytest.mark.parametrize("lengths,graph_batch", [
+    ([9, 30, 4, 17, 50], 8),  # up to logits_max_batch: the graph holds the LM head too
+    ([9, 30, 4, 17, 50, 3, 21, 8, 12, 40, 5], 16),  # above: the LM head runs eagerly
+])
+def test_cuda_graph_logits_equal_eager(tmp_path, lengths, graph_batch):
+    """One decode batch: the logits from the graph's step equal an eager forward's (fp32),
+    whether the graph computes them or only the hidden states."""
     build_tiny_model("llama", tmp_path)
     llm = LLM(model=str(tmp_path), device="cuda", dtype="float32", num_kv_blocks=256,
               attention_backend="triton", max_num_seqs=16, async_scheduling=False)
     engine = llm.engine
-    for i, p in enumerate(random_prompts([9, 30, 4, 17, 50], seed=5)):
+    for i, p in enumerate(random_prompts(lengths, seed=5)):
         engine.add_request(str(i), {"prompt_token_ids": p},
                            SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     engine.step()  # the prompts
     sched = engine.scheduler.schedule()
     engine._execute_block_ops()
     graphed = engine.runner.prepare(sched)
-    assert graphed.graph_batch == 8  # 5 rows padded to the ladder's next size
+    assert graphed.graph_batch == graph_batch  # padded to the ladder's next size
+    in_graph = graph_batch <= engine.runner.graphs.logits_max_batch
+    assert (engine.runner.graphs.replay(graph_batch)[1] is not None) == in_graph
     got = engine.runner.execute(graphed).clone()
+    assert got.shape[0] == len(lengths)
     engine.runner.graphs, graphs = None, engine.runner.graphs
     eager = engine.runner.prepare(sched)
     want = engine.runner.execute(eager)

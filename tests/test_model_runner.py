@@ -127,28 +127,3 @@ def test_mixed_prompt_and_decode_step(model_dir):
                    if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens]
         assert mi.sample_rows.tolist() == sampled
         engine.step()  # schedules the same batch again (nothing changed) and runs it
-
-
-def test_each_gemv_prefetches_the_weight_of_the_product_after_it(model_dir):
-    """The decoder chains L2 prefetches in step order: qkv -> o_proj -> gate_up -> down ->
-    the next layer's qkv; the last layer's down_proj has none (the LM head is too big)."""
-    from pagedllm.plugins.models.decoder import prefetch_target
-
-    model = _engine(model_dir).model
-    model._chain_prefetches(1)
-    layers = model.model.layers
-    assert len(layers) >= 2
-    for n, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        assert prefetch_target(attn.qkv_proj) is attn.o_proj.weight
-        assert prefetch_target(attn.o_proj) is mlp.gate_up_proj.weight
-        assert prefetch_target(mlp.gate_up_proj) is mlp.down_proj.weight
-        nxt = layers[n + 1].self_attn.qkv_proj.weight if n + 1 < len(layers) else None
-        assert prefetch_target(mlp.down_proj) is nxt
-    model._chain_prefetches(2)
-    assert prefetch_target(layers[0].self_attn.qkv_proj) is layers[0].mlp.gate_up_proj.weight
-    model._chain_prefetches(0)
-    assert all(prefetch_target(m) is None for m in model.modules())
-    # The chain holds modules, not tensors: no parameter is adopted twice.
-    names = [n for n, _ in model.named_parameters()]
-    assert len(names) == len(set(names)) and not any("prefetch" in n for n in names)

@@ -9,7 +9,6 @@ activation are ``fused_ops`` (one Triton kernel each on CUDA).
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -58,32 +57,12 @@ def _act(name: str):
     raise ValueError(f"hidden_act: {name!r} is not supported (silu, gelu, gelu_pytorch_tanh)")
 
 
-# How many products ahead a decode GEMV pulls a weight into L2 (``prefetch_target``); 0,
-# the default, turns it off: on the H200 (2026-12-02, W2 Qwen3-0.6B) distances 1-3 did not
-# beat 0 (host-bound runs at 1; 0.842 ms device-bound at 3).  PAGEDLLM_L2_PREFETCH_DISTANCE
-# sets it, for benchmarking.
-L2_PREFETCH_DISTANCE = int(os.environ.get("PAGEDLLM_L2_PREFETCH_DISTANCE", 0))
-
-
 class Linear(nn.Linear):
     """``nn.Linear`` whose few-row products (decode at small batch) run as a Triton GEMV
-    on CUDA (``fused_ops.linear``); quantization plugins replace it like any nn.Linear.
-
-    ``prefetch_next``: a one-tuple holding the module whose product comes later in the
-    step (a tuple, so that nn.Module does not adopt it), whose weight the GEMV pulls into
-    L2 while kernels hand over; set by ``DecoderForCausalLM``."""
-
-    prefetch_next: tuple[nn.Module] | None = None
+    on CUDA (``fused_ops.linear``); quantization plugins replace it like any nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, prefetch=prefetch_target(self))
-
-
-def prefetch_target(module: nn.Module) -> torch.Tensor | None:
-    """The weight ``module``'s product should pull into L2, or None."""
-    nxt = getattr(module, "prefetch_next", None)
-    weight = getattr(nxt[0], "weight", None) if nxt else None
-    return weight if isinstance(weight, torch.Tensor) else None
+        return linear(x, self.weight, self.bias)
 
 
 class MLP(nn.Module):
@@ -102,8 +81,7 @@ class MLP(nn.Module):
         """The MLP from its gate/up projection on."""
         if self.silu:
             if type(self.down_proj) is Linear:  # not replaced by a quantization method
-                return silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias,
-                                       prefetch=prefetch_target(self.down_proj))
+                return silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
             return self.down_proj(silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
@@ -177,8 +155,7 @@ class DecoderLayer(nn.Module):
 def _norm_then_project(norm: RMSNorm, proj: nn.Module, x, residual):
     """(proj(norm(x + residual)), x + residual), with x alone when residual is None."""
     if type(proj) is Linear:  # not replaced by a quantization method: one fused op
-        return rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias,
-                               prefetch=prefetch_target(proj))
+        return rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias)
     if residual is None:
         return proj(norm(x)), x
     h, residual = norm(x, residual)
@@ -216,20 +193,6 @@ class DecoderForCausalLM(nn.Module):
         self.to(dtype)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._chain_prefetches(L2_PREFETCH_DISTANCE)
-
-    def _chain_prefetches(self, distance: int) -> None:
-        """Each layer's products in step order (qkv, o, gate_up, down, the next layer's
-        qkv ...); each GEMV pulls the weight ``distance`` products on into L2, so that
-        memory keeps streaming through the attention kernel and the hand-overs between
-        kernels (``fused_ops.l2_prefetch_applies`` says which weights qualify)."""
-        chain = []
-        for layer in self.model.layers:
-            chain += [layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                      layer.mlp.gate_up_proj, layer.mlp.down_proj]
-        for j, module in enumerate(chain):
-            module.prefetch_next = (chain[j + distance],) if 0 < distance < len(chain) - j \
-                else None
 
     def _place(self, name: str) -> torch.Tensor | None:
         """The tensor (a parameter, or a shard of a stacked one) a checkpoint name loads into."""

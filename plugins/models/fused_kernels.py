@@ -138,11 +138,10 @@ def _gemv_prologue(x, x_rows, rk, x_mask, norm_w_ptr, scale, K, SILU_MUL: tl.con
 def gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     norm_w_ptr, r_ptr, r_out_ptr, stride_rm, eps,
-    pf_addr, pf_bytes, pf_lane_bytes,  # PREFETCH only
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
     NORM_RES: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr, PF_LANES: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for a few rows M: each program streams
     BLOCK_N rows of the weight once and serves every row of x with them.
@@ -158,9 +157,6 @@ def gemv_kernel(
     (the residual stream).  Every program computes the row's variance itself (from the one
     tile, or in a first pass over x, a few KiB from L2): cheaper than a kernel of its own
     at decode.
-    PREFETCH (CUDA sm90+ only): before the PDL wait, the programs also ask L2 to fetch the
-    ``pf_bytes`` at address ``pf_addr`` (a later kernel's weight), ``pf_lane_bytes`` per
-    lane; a hint that changes no result, so memory stays busy while kernels hand over.
     """
     pid = tl.program_id(0)
     dtype = out_ptr.dtype.element_ty
@@ -176,14 +172,6 @@ def gemv_kernel(
         w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None], other=0.0)
     else:
         w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
-    if PREFETCH:
-        lane = pid.to(tl.int64) * PF_LANES + tl.arange(0, PF_LANES)
-        off = lane * pf_lane_bytes
-        size = tl.minimum(tl.maximum(pf_bytes - off, 0), pf_lane_bytes).to(tl.int32)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.gt.s32 p, $3, 0; "
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r,r", [pf_addr + off, size, size], dtype=tl.int32, is_pure=False, pack=1)
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()

@@ -168,29 +168,6 @@ GEMV_MAX_WEIGHT_ELEMENTS = int(float(os.environ.get("PAGEDLLM_GEMV_MAX_WEIGHT_EL
 # PAGEDLLM_NORM_PROLOGUE_MAX_K overrides it.
 NORM_PROLOGUE_MAX_K = int(os.environ.get("PAGEDLLM_NORM_PROLOGUE_MAX_K", 4096))
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
-# L2 prefetch of the next product's weight (``linear``'s ``prefetch``): weights up to this
-# many bytes (a third of an H100's 50 MB L2, so one streams in while another is read);
-# PAGEDLLM_L2_PREFETCH_MAX_BYTES=0 turns it off, for benchmarking.
-L2_PREFETCH_MAX_BYTES = int(float(os.environ.get("PAGEDLLM_L2_PREFETCH_MAX_BYTES", 16e6)))
-
-
-def l2_prefetch_applies(tensor: torch.Tensor, device: torch.device) -> bool:
-    """Whether a GEMV on ``device`` may pull ``tensor`` into L2: sm90 or later (the bulk
-    prefetch instruction), a contiguous tensor on that device, 16-byte aligned and sized,
-    within ``L2_PREFETCH_MAX_BYTES``."""
-    nbytes = tensor.numel() * tensor.element_size()
-    return (device.type == "cuda" and tensor.device == device and tensor.is_contiguous()
-            and 0 < nbytes <= L2_PREFETCH_MAX_BYTES and nbytes % 16 == 0
-            and tensor.data_ptr() % 16 == 0 and _sm90(device))
-
-
-@functools.cache
-def _sm90_index(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def _sm90(device: torch.device) -> bool:
-    return _sm90_index(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # A program's weight slab up to this many elements is one tile (``ONE_TILE``): all of it is
@@ -246,11 +223,9 @@ def _gemv_applies(x2: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
           interpreted: bool, config: tuple[int, int, int, int] | None = None,
-          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-          prefetch: torch.Tensor | None = None
+          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(x2 @ weight^T + bias, the new residual stream when ``residual`` is given);
-    ``prefetch``: a tensor to pull into L2 meanwhile (``l2_prefetch_applies``)."""
+    """(x2 @ weight^T + bias, the new residual stream when ``residual`` is given)."""
     m = x2.shape[0]
     n, k = weight.shape
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
@@ -263,44 +238,32 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
         block_k = min(block_k, max(64, _next_pow2(k) if k <= 128 else 64))
     norm_w, eps = norm if norm is not None else (weight, 0.0)
     r = residual if residual is not None else x2
-    grid = -(-n // block_n)
-    lanes = 32 * warps
-    pf = prefetch is not None and not interpreted and l2_prefetch_applies(prefetch, x2.device)
-    if pf:
-        pf_bytes = prefetch.numel() * prefetch.element_size()
-        per_lane = -(-pf_bytes // (grid * lanes * 16)) * 16  # bulk prefetches: 16-byte units
-        pf_args = (prefetch.data_ptr(), pf_bytes, per_lane)
-    else:
-        pf_args = (0, 0, 16)
-    _kernels().gemv_kernel[(grid,)](
+    _kernels().gemv_kernel[(-(-n // block_n),)](
         x2, weight, bias if bias is not None else weight, out, m, n, k,
         x2.stride(0), weight.stride(0), out.stride(0),
-        norm_w, r, r_out if r_out is not None else out, r.stride(0), eps, *pf_args,
+        norm_w, r, r_out if r_out is not None else out, r.stride(0), eps,
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None,
         NORM_RES=residual is not None, EVEN_K=k % block_k == 0, ONE_TILE=block_k >= k,
-        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=pf, PF_LANES=lanes,
-        **_pdl(x2), num_warps=warps, num_stages=stages)
+        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(x2), num_warps=warps,
+        num_stages=stages)
     return out, r_out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           force: bool = False, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+           force: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; few-row bf16/fp16 products on CUDA (or any with
-    ``force``) run as the Triton GEMV, which also pulls ``prefetch`` (the next product's
-    weight) into L2 where ``l2_prefetch_applies``."""
+    ``force``) run as the Triton GEMV."""
     k = weight.shape[1]
     x2 = x.reshape(-1, k)
     if not (force or _gemv_applies(x2, weight)):
         return F.linear(x, weight, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return _gemv(x2, weight, bias, False, force and not x.is_cuda,
-                 prefetch=prefetch)[0].view(*x.shape[:-1], -1)
+    return _gemv(x2, weight, bias, False, force and not x.is_cuda)[0].view(*x.shape[:-1], -1)
 
 
 def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None, force: bool = False,
-                    prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, force: bool = False) -> torch.Tensor:
     """``F.linear(silu_and_mul(gate_up), weight, bias)``; on the GEMV path the activation is
     computed inside the product, one kernel instead of two."""
     n = gate_up.shape[-1] // 2
@@ -309,14 +272,13 @@ def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
         return F.linear(silu_and_mul(gate_up), weight, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return _gemv(x2, weight, bias, True, force and not gate_up.is_cuda,
-                 prefetch=prefetch)[0].view(*gate_up.shape[:-1], -1)
+    return _gemv(x2, weight, bias, True, force and not gate_up.is_cuda)[0].view(
+        *gate_up.shape[:-1], -1)
 
 
 def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                     eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    force: bool = False, prefetch: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    force: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.linear(rms_norm(x + residual), weight, bias)`` and the new residual stream
     ``x + residual`` (x itself when ``residual`` is None).  On the GEMV path the norm and the
     add are computed inside the product, one kernel instead of two."""
@@ -324,11 +286,10 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     x2 = x.reshape(-1, k)
     if not (force or (k <= NORM_PROLOGUE_MAX_K and _gemv_applies(x2, weight))):
         h, new_residual = rms_norm(x, norm_weight, eps, residual, force=force)
-        return (linear(h, weight, bias, prefetch=prefetch),
-                x if residual is None else new_residual)
+        return linear(h, weight, bias), (x if residual is None else new_residual)
     x2 = x2.contiguous()
     r2 = residual.reshape(-1, k).contiguous() if residual is not None else None
     out, r_out = _gemv(x2, weight, bias, False, force and not x.is_cuda,
-                       norm=(norm_weight, eps), residual=r2, prefetch=prefetch)
+                       norm=(norm_weight, eps), residual=r2)
     return (out.view(*x.shape[:-1], -1),
             x if residual is None else r_out.view(residual.shape))
