@@ -372,8 +372,10 @@ def test_fused_rotary_equals_rotating_first(name, qk_norm):
     q, k, v = randn(4, NUM_HEADS, head_dim), randn(4, kv_heads, head_dim), randn(4, kv_heads,
                                                                                  head_dim)
     norms = (1 + 0.3 * randn(head_dim), 1 + 0.3 * randn(head_dim), 1e-6) if qk_norm else None
-    rope = RotaryEmbedding(head_dim, {"rope_theta": 10000.0, "rope_type": "default"})
     positions = md.seq_lens.long() - 1
+    # The fused path gathers from a table of max_positions rows: it must cover the step.
+    rope = RotaryEmbedding(head_dim, {"rope_theta": 10000.0, "rope_type": "default"},
+                           max_positions=int(positions.max()) + 1)
     cos, sin = rope.cos_sin(positions, dtype, as_float32=True)
     rq, rk = fused_ops.rotary(q.cpu(), k.cpu(), (cos.cpu(), sin.cpu()),
                               qk_norm=None if norms is None else

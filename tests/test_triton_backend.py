@@ -232,8 +232,10 @@ def check_fused_rotary(seqs, num_heads, num_kv_heads, head_dim, block_size, dtyp
     q, k, v, cache, md = make_step(seqs, num_heads, num_kv_heads, head_dim, block_size,
                                    dtype, device, seed)
     gen = torch.Generator(device=device).manual_seed(seed + 1)
-    rope = RotaryEmbedding(head_dim, {"rope_theta": 10000.0, "rope_type": "default"})
     positions = md.seq_lens.long() - 1
+    # The fused path gathers from a table of max_positions rows: it must cover the step.
+    rope = RotaryEmbedding(head_dim, {"rope_theta": 10000.0, "rope_type": "default"},
+                           max_positions=int(positions.max()) + 1)
     norm = None
     if qk_norm:
         w = lambda: (1 + 0.3 * torch.randn(head_dim, generator=gen, device=device)).to(dtype)  # noqa: E731
