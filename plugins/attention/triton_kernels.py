@@ -103,6 +103,18 @@ def _rope_rows(ptr, row_off, row_ok, d, cos, sin, norm_w_ptr, eps, qk_norm,
 
 
 @triton.jit
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, pos, ok, d, head_off,
+                  stride_cb, stride_cs, BLOCK_SIZE: tl.constexpr):
+    """The K tile ([HEAD_DIM, keys], transposed for q @ k) and V tile ([keys, HEAD_DIM]) of
+    one KV head at cache positions ``pos`` (``ok``: the real ones; the rest read as 0)."""
+    blk = tl.load(table_row + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+    base = blk * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
+    kt = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=ok[None, :], other=0.0)
+    v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+    return kt, v
+
+
+@triton.jit
 def _attend_tile(q, kt, v, ok, m_i, l_i, acc, qk_scale,
                  DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step of decode attention over a key tile (``ok``: its real keys)."""
@@ -182,10 +194,8 @@ def decode_kernel(
         old_end = tl.minimum(end, last)
         pos = start + tl.arange(0, BLOCK_N)
         ok = pos < old_end
-        blk = tl.load(table_row + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-        base = blk * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
-        kt = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=ok[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        kt, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, pos, ok, d, head_off,
+                              stride_cb, stride_cs, BLOCK_SIZE)
         if USE_PDL:
             gdc_wait()
             gdc_launch_dependents()
@@ -232,12 +242,8 @@ def decode_kernel(
         for n0 in range(start + BLOCK_N, old_end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             ok = pos < old_end
-            blk = tl.load(table_row + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-            base = blk * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
-            kt = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=ok[None, :],
-                         other=0.0)
-            v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=ok[:, None],
-                        other=0.0)
+            kt, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, pos, ok, d, head_off,
+                                  stride_cb, stride_cs, BLOCK_SIZE)
             m_i, l_i, acc = _attend_tile(q, kt, v, ok, m_i, l_i, acc, qk_scale, DOT_FP32,
                                          DOT_PRECISION)
 
@@ -362,10 +368,8 @@ def prefill_kernel(
     for n0 in range(full_end, kv_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < kv_end
-        blk = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        base = blk * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
-        kt = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=valid[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        kt, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, pos, valid, d, head_off,
+                              stride_cb, stride_cs, BLOCK_SIZE)
         if DOT_FP32:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
