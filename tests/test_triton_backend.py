@@ -214,7 +214,7 @@ def test_decode_only_step_writes_kv_inside_the_decode_kernel(split):
     tune = dict(decode_min_partition=32, decode_programs_per_sm=10_000) if split else \
         dict(decode_max_splits=1)
     be, md = check_against_torch(seqs, 4, 2, 16, 16, torch.float32, seed=9, tune=tune)
-    assert (be._splits(len(seqs), 151, DEVICE) > 1) == split
+    assert (be._splits(len(seqs), 151, DEVICE) > 1) == bool(split)
     plan = next(iter(md.__dict__["_triton_attention_plans"].values()))
     assert plan.num_tiles == 0 and plan.decode_ids is None  # the fused-write path
 
@@ -274,14 +274,17 @@ def check_fused_rotary(seqs, num_heads, num_kv_heads, head_dim, block_size, dtyp
 
 @needs_kernels
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "rope+qk-norm"])
-@pytest.mark.parametrize("split", [False, True], ids=["one-partition", "split"])
+@pytest.mark.parametrize("split", [False, True, "16-key tiles"],
+                         ids=["one-partition", "split", "split-16-keys"])
 def test_decode_only_step_applies_rotary_inside_the_decode_kernel(split, qk_norm):
     seqs = [(150, 1), (0, 1), (15, 1), (16, 1), (47, 1)]
     tune = dict(decode_min_partition=32, decode_programs_per_sm=10_000) if split else \
         dict(decode_max_splits=1)
+    if split == "16-key tiles":  # partitions of 16 keys: the new token alone in some
+        tune.update(decode_block_n=16, decode_min_partition=16)
     be = check_fused_rotary(seqs, 4, 2, 16, 16, torch.float32, seed=12 + qk_norm,
                             qk_norm=qk_norm, tune=tune)
-    assert (be._splits(len(seqs), 151, DEVICE) > 1) == split
+    assert (be._splits(len(seqs), 151, DEVICE) > 1) == bool(split)
 
 
 @needs_kernels

@@ -133,6 +133,13 @@ class TritonAttentionBackend(AttentionBackend):
     # 0.797 against 0.796 ms), though ptxas has 4 warps spill 130-190 bytes and 8 none.
     # PAGEDLLM_DECODE_WARPS overrides it, for benchmarking.
     decode_num_warps = int(os.environ.get("PAGEDLLM_DECODE_WARPS", 4))
+    # Keys per decode tile (None: by dtype, ``_decode_config``) and a register cap per
+    # thread (None: the compiler's choice, 255 at 4 warps, so two programs an SM).  Not yet
+    # measured on a GPU: ptxas for sm90 has 16 keys under a 128-register cap spill 84 bytes
+    # (4 programs an SM), against 192 bytes uncapped at 64 keys.  PAGEDLLM_DECODE_BLOCK_N
+    # and PAGEDLLM_DECODE_MAXNREG set them, for benchmarking.
+    decode_block_n = int(os.environ.get("PAGEDLLM_DECODE_BLOCK_N", 0)) or None
+    decode_maxnreg = int(os.environ.get("PAGEDLLM_DECODE_MAXNREG", 0)) or None
 
     @classmethod
     def supports(cls, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -192,9 +199,8 @@ class TritonAttentionBackend(AttentionBackend):
         memory, two programs per SM) lost 18% at B=16.  Warps: ``decode_num_warps``.
         """
         warps = self.decode_num_warps
-        if self.head_dim <= 128 and dtype != torch.float32:
-            return 64, warps, 2
-        return 32, warps, 2
+        block_n = 64 if self.head_dim <= 128 and dtype != torch.float32 else 32
+        return self.decode_block_n or block_n, warps, 2
 
     def _splits(self, num_decodes: int, max_len: int, device) -> int:
         """Partitions per sequence for one decode launch (the kernel sizes each sequence's)."""
@@ -343,6 +349,7 @@ class TritonAttentionBackend(AttentionBackend):
             GROUP_P2=_next_pow2(self.group),
             HEAD_DIM=self.head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n,
             **dot, **launch, num_warps=warps, num_stages=stages,
+            **({"maxnreg": self.decode_maxnreg} if self.decode_maxnreg else {}),
         )
 
 
