@@ -145,7 +145,7 @@ class ModelRunner:
         width = self.graphs.table_width if graph_batch else max_blocks
         layout = StepLayout(rows_total, seqs_total, len(sample_rows), len(fill_dst), width)
         cut = layout.slices()
-        size = cut["fill_src"].stop  # layout.size, without laying it out again
+        size = layout.size
         host = self._stage(size)
         for name, value in (("ids", ids), ("positions", pos), ("slots", slots),
                             ("seq_lens", seq_lens), ("qsl", qsl), ("sample_rows", sample_rows),

@@ -3,14 +3,16 @@ which field sits where.  The model runner writes it on the host; a captured CUDA
 the same offsets on the device."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 ALIGN = 4  # int32 elements in 16 bytes
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepLayout:
-    """Offsets of each field in the packed int32 step buffer."""
+    """Offsets of each field in the packed int32 step buffer; ``slices()`` and ``size``
+    share one layout per instance (the runner needs both every step)."""
 
     num_tokens: int
     num_seqs: int
@@ -19,6 +21,10 @@ class StepLayout:
     table_width: int
 
     def slices(self) -> dict[str, slice]:
+        return self._slices
+
+    @functools.cached_property
+    def _slices(self) -> dict[str, slice]:
         # The fields a captured graph reads come first, so their offsets depend only on
         # the batch and table width; the per-step ones follow.
         sizes = [("ids", self.num_tokens), ("positions", self.num_tokens),
@@ -37,4 +43,4 @@ class StepLayout:
 
     @property
     def size(self) -> int:
-        return self.slices()["fill_src"].stop
+        return self._slices["fill_src"].stop
