@@ -128,7 +128,9 @@ def register_model_architectures() -> dict[str, type[nn.Module]]:
     - ``load_weights(weights: Iterable[tuple[str, Tensor]])`` with HF parameter names;
     - ``forward(input_ids, positions, kv_caches, metadata) -> hidden_states`` on one flat
       token batch (``input_ids`` and ``positions`` are 1-D, one entry per scheduled token);
-    - ``compute_logits(hidden_states) -> logits`` on the rows to be sampled.
+    - ``compute_logits(hidden_states) -> logits`` on the rows to be sampled, row by row
+      (a decode CUDA graph of a few rows computes it for every row, padding included, and
+      keeps the sampled ones), so it must not depend on which rows it is given.
 
     Two plugins registering the same architecture is an error naming both.
     """
