@@ -25,6 +25,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--trace", metavar="FILE",
                         help="write a torch.profiler Chrome trace of 20 decode steps")
+    parser.add_argument("--kernel-timeline", action="store_true",
+                        help="profile the batch-1 decode step's device time (graph, LM head, "
+                             "argmax) and print each kernel's incremental cost")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None, help="overlap host and device (default: on for CUDA)")
     parser.add_argument("--ablate", choices=["attention"], default=None,
@@ -79,13 +82,11 @@ def _skip_attention() -> None:
         entry.cls.forward = forward
 
 
-def _device_step_ms(engine, steps: int = 200) -> float | None:
-    """Device time of one batch-1 decode step with the host out of the way: the captured
-    decode graph, the LM head and the argmax, launched back to back (the host runs ahead),
-    timed with CUDA events.  None without CUDA graphs.  It replays the last decode step's
-    inputs, whose request has finished: its K/V lands in a free block."""
-    import torch
-
+def _device_step(engine):
+    """The batch-1 decode step's device work, launchable back to back with the host out of
+    the way: the captured decode graph, the LM head and the argmax.  None without CUDA
+    graphs.  It replays the last decode step's inputs, whose request has finished: its K/V
+    lands in a free block."""
     graphs = engine.runner.graphs
     b = graphs.batch_for(1) if graphs is not None else 0
     if not b:
@@ -98,6 +99,16 @@ def _device_step_ms(engine, steps: int = 200) -> float | None:
             logits = model.compute_logits(hidden[:1])
         logits[:1].argmax(dim=-1)
 
+    return step
+
+
+def _device_step_ms(engine, steps: int = 200) -> float | None:
+    """Device time of one batch-1 decode step (``_device_step``), timed with CUDA events."""
+    import torch
+
+    step = _device_step(engine)
+    if step is None:
+        return None
     with torch.inference_mode():
         for _ in range(10):
             step()
@@ -148,6 +159,18 @@ def run(args) -> None:
     device_ms = _device_step_ms(engine) if engine.device.type == "cuda" else None
     if args.trace:
         _trace_decode_steps(engine, prompt, args.trace)
+    if args.kernel_timeline and _device_step(engine) is not None:
+        import torch
+
+        from pagedllm.bench import kernel_timeline as kt
+
+        with torch.inference_mode():
+            steps = 20
+            kernels = kt.profile_kernels(_device_step(engine), steps)
+        print(f"\nkernel timeline of the device step ({steps} steps, {len(kernels)} kernels)")
+        kt.print_table(kt.summarize(kernels, steps))
+        per = len(kernels) // steps
+        kt.print_sequence(kernels, per * (steps // 2), 16)
     if args.compare == "hf":
         from pagedllm.bench.hardware import hf_twin
 

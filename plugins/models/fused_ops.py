@@ -172,7 +172,13 @@ _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 # A program's weight slab up to this many elements is one tile (``ONE_TILE``): all of it is
 # requested at once, before the PDL wait, and a norm prologue reads x once.
-ONE_TILE_MAX_ELEMENTS = 32768
+ONE_TILE_MAX_ELEMENTS = int(os.environ.get("PAGEDLLM_GEMV_ONE_TILE_MAX_ELEMENTS", 32768))
+# A register cap per thread for the GEMV (None: the compiler's choice).  Lower caps let the
+# next kernel's programs become resident beside this one's (PDL) sooner.
+# PAGEDLLM_GEMV_MAXNREG sets it, for benchmarking.
+GEMV_MAXNREG = int(os.environ.get("PAGEDLLM_GEMV_MAXNREG", 0)) or None
+# Warps per GEMV program (None: ``gemv_config``'s); PAGEDLLM_GEMV_WARPS, for benchmarking.
+GEMV_WARPS = int(os.environ.get("PAGEDLLM_GEMV_WARPS", 0)) or None
 
 
 def gemv_config(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
@@ -234,6 +240,7 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
         return out, r_out
     m_pad = _next_pow2(m)
     block_n, block_k, warps, stages = config or gemv_config(n, k, m_pad)
+    warps = GEMV_WARPS or warps
     if interpreted:  # the interpreter's cost grows with tile size
         block_k = min(block_k, max(64, _next_pow2(k) if k <= 128 else 64))
     norm_w, eps = norm if norm is not None else (weight, 0.0)
@@ -245,7 +252,7 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None,
         NORM_RES=residual is not None, EVEN_K=k % block_k == 0, ONE_TILE=block_k >= k,
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(x2), num_warps=warps,
-        num_stages=stages)
+        num_stages=stages, **({"maxnreg": GEMV_MAXNREG} if GEMV_MAXNREG else {}))
     return out, r_out
 
 
