@@ -121,13 +121,23 @@ def _linear_close(got, want, dtype):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=atol)
 
 
+@pytest.fixture(params=[False, True], ids=["nkdot", "rowdot"])
+def row_dot(request, monkeypatch):
+    """Runs a GEMV test with one-row products multiplied both ways (``_gemv_dot``): the
+    [M, N, K] product everywhere, or ROW_DOT on every kind of prologue."""
+    kinds = frozenset({"plain", "norm", "silu"}) if request.param else frozenset()
+    monkeypatch.setattr(fused_ops, "ROW_DOT_KINDS", kinds)
+    monkeypatch.setattr(fused_ops, "ROW_DOT_WARPS", None)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 4])
 # One tile (64, 80), an even tiled K (256 in the interpreter's 64 tiles), and on the GPU
 # too a deep K in uneven 1024 tiles (4160).
 @pytest.mark.parametrize("n,k,bias", [(24, 64, False), (37, 80, True), (16, 256, False),
                                       (8, 4160, True)])
-def test_triton_gemv_matches_linear(dtype, rows, n, k, bias):
+def test_triton_gemv_matches_linear(dtype, rows, n, k, bias, row_dot):
     gen = torch.Generator().manual_seed(rows * n + k)
     x = torch.randn(rows, k, generator=gen).to(DEVICE, dtype)
     w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
@@ -145,7 +155,7 @@ def test_triton_gemv_matches_linear(dtype, rows, n, k, bias):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("k", [96, 192])  # one tile; tiles
-def test_triton_gemv_with_silu_mul_prologue(dtype, rows, k):
+def test_triton_gemv_with_silu_mul_prologue(dtype, rows, k, row_dot):
     gen = torch.Generator().manual_seed(rows + k)
     n = 40
     gate_up = (2 * torch.randn(rows, 2 * k, generator=gen)).to(DEVICE, dtype)
@@ -154,6 +164,16 @@ def test_triton_gemv_with_silu_mul_prologue(dtype, rows, k):
     act = F.silu(gate_up[:, :k]) * gate_up[:, k:]  # rounded to dtype, as the model's op
     want = F.linear(act.float(), w.float(), b.float()).to(dtype)
     _linear_close(fused_ops.silu_mul_linear(gate_up, w, b, force=True), want, dtype)
+
+
+def test_row_dot_rule():
+    """ROW_DOT where measured to win: one row, 4 warps, no SiLU prologue."""
+    if "PAGEDLLM_GEMV_ROW_DOT" in __import__("os").environ:
+        pytest.skip("overridden for benchmarking")
+    assert fused_ops._row_dot(1, 4, False, False) and fused_ops._row_dot(1, 4, False, True)
+    assert not fused_ops._row_dot(1, 4, True, False)
+    assert not fused_ops._row_dot(2, 4, False, False)
+    assert not fused_ops._row_dot(1, 8, False, True)
 
 
 def test_gemv_only_takes_few_row_half_precision_products_on_cuda():
@@ -180,7 +200,7 @@ def test_gemv_only_takes_few_row_half_precision_products_on_cuda():
 @pytest.mark.parametrize("with_residual", [False, True])
 # 96: one tile; 160: not a multiple of the interpreter's tile, so the masked tail is used.
 @pytest.mark.parametrize("k", [96, 160])
-def test_triton_gemv_with_rms_norm_prologue(dtype, rows, with_residual, k):
+def test_triton_gemv_with_rms_norm_prologue(dtype, rows, with_residual, k, row_dot):
     gen = torch.Generator().manual_seed(10 * rows + with_residual + k)
     n = 36
     x = (3 * torch.randn(rows, k, generator=gen)).to(DEVICE, dtype)

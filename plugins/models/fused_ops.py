@@ -179,6 +179,21 @@ ONE_TILE_MAX_ELEMENTS = int(os.environ.get("PAGEDLLM_GEMV_ONE_TILE_MAX_ELEMENTS"
 GEMV_MAXNREG = int(os.environ.get("PAGEDLLM_GEMV_MAXNREG", 0)) or None
 # Warps per GEMV program (None: ``gemv_config``'s); PAGEDLLM_GEMV_WARPS, for benchmarking.
 GEMV_WARPS = int(os.environ.get("PAGEDLLM_GEMV_WARPS", 0)) or None
+# One-row products multiply in the weight tile's own layout (the kernel's ROW_DOT, see
+# ``_gemv_dot``) where that was measured to win: 4-warp programs without the SiLU prologue.
+# On the H200 (W2 Qwen3-0.6B, device time per step, 2026-12-02): 0.774 ms without ROW_DOT,
+# 0.762 with it on the plain products (o_proj, lm_head), 0.725 on the normed ones (qkv,
+# gate_up), 0.719 on both; but 0.926 on the SiLU one (down_proj) alone.  The 8-warp
+# programs of 4096-wide models were not measured, so they keep the [M, N, K] product.
+# PAGEDLLM_GEMV_ROW_DOT ("plain,norm,silu", any subset, or "none") overrides the kinds.
+ROW_DOT_KINDS = frozenset(os.environ.get("PAGEDLLM_GEMV_ROW_DOT", "plain,norm").split(","))
+ROW_DOT_WARPS = 4 if "PAGEDLLM_GEMV_ROW_DOT" not in os.environ else None  # None: any
+
+
+def _row_dot(m_pad: int, warps: int, silu_mul: bool, norm: bool) -> bool:
+    kind = "silu" if silu_mul else "norm" if norm else "plain"
+    return (m_pad == 1 and kind in ROW_DOT_KINDS
+            and (ROW_DOT_WARPS is None or warps == ROW_DOT_WARPS))
 
 
 def gemv_config(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
@@ -252,7 +267,8 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None,
         NORM_RES=residual is not None, EVEN_K=k % block_k == 0, ONE_TILE=block_k >= k,
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(x2), num_warps=warps,
-        num_stages=stages, **({"maxnreg": GEMV_MAXNREG} if GEMV_MAXNREG else {}))
+        num_stages=stages, ROW_DOT=_row_dot(m_pad, warps, silu_mul, norm is not None),
+        **({"maxnreg": GEMV_MAXNREG} if GEMV_MAXNREG else {}))
     return out, r_out
 
 

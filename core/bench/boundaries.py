@@ -1,0 +1,107 @@
+"""What a kernel boundary costs on this GPU, against an in-kernel grid barrier: the numbers
+that decide how many kernels a batch-1 decode step can afford.
+
+- a chain of tiny dependent kernels (each reads what the one before wrote) in a CUDA
+  graph, launched plainly and with PDL: microseconds per kernel;
+- one persistent kernel whose programs meet at a grid-wide barrier (an atomic arrival
+  counter, then polling) over and over: microseconds per barrier.
+
+    python -m pagedllm.bench.boundaries [--programs 132]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
+
+@triton.jit
+def _step_kernel(x_ptr, y_ptr, USE_PDL: tl.constexpr, EARLY: tl.constexpr):
+    pid = tl.program_id(0)
+    if USE_PDL:
+        if EARLY:
+            gdc_launch_dependents()
+        gdc_wait()
+        if not EARLY:
+            gdc_launch_dependents()
+    # Each program reads another program's value: the step depends on the whole last one.
+    v = tl.load(x_ptr + (pid + 1) % tl.num_programs(0))
+    tl.store(y_ptr + pid, v + 1)
+
+
+@triton.jit
+def _barrier_kernel(counter_ptr, x_ptr, rounds):
+    pid = tl.program_id(0)
+    n = tl.num_programs(0)
+    for r in range(rounds):
+        # Write this round's value, arrive, wait for everyone, read a neighbour's value.
+        tl.store(x_ptr + (r % 2) * n + pid, r + pid)
+        tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+        target = (r + 1) * n
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        while seen < target:
+            seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        v = tl.load(x_ptr + (r % 2) * n + (pid + 1) % n, cache_modifier=".cg")
+        tl.store(x_ptr + 2 * n + pid, v)
+
+
+def _time_graph(fn, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--programs", type=int, default=0, help="default: one per SM")
+    parser.add_argument("--kernels", type=int, default=200)
+    args = parser.parse_args(argv)
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    p = args.programs or sms
+    bufs = [torch.zeros(p, dtype=torch.int32, device=dev) for _ in range(2)]
+    n = args.kernels
+    print(f"{torch.cuda.get_device_name()}: {p} programs, {n} kernels a graph")
+    for name, pdl, early in (("plain launch", False, False), ("PDL, trigger after wait", True, False),
+                             ("PDL, trigger at start", True, True)):
+        def chain():
+            for j in range(n):
+                _step_kernel[(p,)](bufs[j % 2], bufs[(j + 1) % 2], USE_PDL=pdl, EARLY=early,
+                                   launch_pdl=pdl, num_warps=4)
+        us = _time_graph(chain)
+        print(f"  kernel chain, {name:<26}: {us / n:6.2f} us a kernel")
+    rounds = 1000
+    counter = torch.zeros(1, dtype=torch.int32, device=dev)
+    x = torch.zeros(3 * p, dtype=torch.int32, device=dev)
+
+    def barriers():
+        counter.zero_()
+        _barrier_kernel[(p,)](counter, x, rounds, num_warps=4)
+    us = _time_graph(barriers)
+    ok = bool((x[2 * p:] == torch.arange(p, device=dev).add(1).remainder(p) + rounds - 1).all())
+    print(f"  grid barrier in one kernel       : {us / rounds:6.2f} us a barrier "
+          f"(values seen across it: {'right' if ok else 'WRONG'})")
+
+
+if __name__ == "__main__":
+    main()
