@@ -250,3 +250,21 @@ def test_rotary_table_rows_equal_the_tables_computed_per_step(dtype, rope_type):
     assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (37, 1, 32)
     assert torch.equal(cos, want_cos.float()) and torch.equal(sin, want_sin.float())
     assert cos.stride(-1) == 1 and sin.stride(0) == cos.stride(0)
+
+
+@pytest.mark.parametrize("k,m", [(1024, 1), (3072, 1), (4096, 4), (8192, 2), (14336, 1)])
+def test_gemv_sweep_tries_the_tiling_gemv_config_would_pick(k, m):
+    """``bench gemv --sweep`` sweeps one-tile configs exactly where ``gemv_config`` makes one
+    tile for that many rows, each within the one-tile size; tiled ones elsewhere."""
+    from pagedllm.bench.gemv import sweep_configs
+
+    m_pad = fused_ops._next_pow2(m)
+    one = fused_ops._one_tile(k, m_pad)
+    assert (fused_ops.gemv_config(4096, k, m_pad)[1] >= k) == one
+    configs = list(sweep_configs(k, m))
+    assert configs
+    for bn, bk, _, _ in configs:
+        if one:
+            assert bk >= k and bn * m_pad * bk <= fused_ops.ONE_TILE_MAX_ELEMENTS
+        else:
+            assert bk < k

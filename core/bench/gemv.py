@@ -59,18 +59,19 @@ def time_per_launch(make_fn, weight_bytes: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def sweep_configs(k: int):
-    """One-tile configs (BLOCK_K = K rounded up to a power of two) where K allows them,
-    else tiled ones."""
+def sweep_configs(k: int, m: int = 1):
+    """One-tile configs (BLOCK_K = K rounded up to a power of two) where ``gemv_config``
+    would make one tile for ``m`` rows, else tiled ones."""
+    m_pad = fused_ops._next_pow2(m)
     k_pad = fused_ops._next_pow2(k)
-    if k_pad > 8192:
+    if not fused_ops._one_tile(k, m_pad):
         for bn, bk, warps, stages in itertools.product([2, 4, 8, 16], [256, 512, 1024],
                                                        [4, 8], [2, 4]):
             if bn * bk <= 8192:
                 yield bn, bk, warps, stages
         return
     for bn, warps in itertools.product([1, 2, 4, 8, 16], [2, 4, 8]):
-        if bn * k_pad <= 32768:
+        if bn * m_pad * k_pad <= fused_ops.ONE_TILE_MAX_ELEMENTS:
             yield bn, k_pad, warps, 1
 
 
@@ -124,7 +125,7 @@ def main(argv=None) -> None:
                 best = ""
                 if args.sweep:
                     results = []
-                    for cfg in sweep_configs(k):
+                    for cfg in sweep_configs(k, m):
                         try:
                             t = time_per_launch(lambda c, cfg=cfg: ours(c, cfg=cfg), wb)
                         except Exception as exc:  # a config that cannot compile: skip it
