@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.bench.kernels import graphed, time_cuda
+
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:
@@ -52,23 +54,12 @@ def _barrier_kernel(counter_ptr, x_ptr, rounds):
         tl.store(x_ptr + 2 * n + pid, v)
 
 
-def _time_graph(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[len(times) // 2]
+def _graph_us(fn) -> float:
+    """Median microseconds of one replay of ``fn`` captured as a CUDA graph."""
+    replay = graphed(fn)
+    if replay is None:
+        raise RuntimeError("the benchmark's launches could not be captured in a CUDA graph")
+    return time_cuda(replay, reps=5, flush_bytes=1 << 20) * 1e3
 
 
 def main(argv=None) -> None:
@@ -88,7 +79,7 @@ def main(argv=None) -> None:
             for j in range(n):
                 _step_kernel[(p,)](bufs[j % 2], bufs[(j + 1) % 2], USE_PDL=pdl, EARLY=early,
                                    launch_pdl=pdl, num_warps=4)
-        us = _time_graph(chain)
+        us = _graph_us(chain)
         print(f"  kernel chain, {name:<26}: {us / n:6.2f} us a kernel")
     rounds = 1000
     counter = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -97,7 +88,7 @@ def main(argv=None) -> None:
     def barriers():
         counter.zero_()
         _barrier_kernel[(p,)](counter, x, rounds, num_warps=4)
-    us = _time_graph(barriers)
+    us = _graph_us(barriers)
     ok = bool((x[2 * p:] == torch.arange(p, device=dev).add(1).remainder(p) + rounds - 1).all())
     print(f"  grid barrier in one kernel       : {us / rounds:6.2f} us a barrier "
           f"(values seen across it: {'right' if ok else 'WRONG'})")

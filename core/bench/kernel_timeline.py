@@ -89,7 +89,7 @@ def profile_kernels(step: Callable[[], None], steps: int = 20) -> list[tuple[str
     return out
 
 
-def print_table(rows: list[KernelCost], steps_span_us: float | None = None) -> None:
+def print_table(rows: list[KernelCost]) -> None:
     total = sum(r.launches * r.increment_us for r in rows)
     print(f"{'kernel (grid)':<62}{'/step':>6}{'dur us':>9}{'incr us':>9}{'gap us':>8}"
           f"{'incr/step':>10}")

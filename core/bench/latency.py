@@ -159,14 +159,13 @@ def run(args) -> None:
     device_ms = _device_step_ms(engine) if engine.device.type == "cuda" else None
     if args.trace:
         _trace_decode_steps(engine, prompt, args.trace)
-    if args.kernel_timeline and _device_step(engine) is not None:
-        import torch
-
+    timeline_step = _device_step(engine) if args.kernel_timeline else None
+    if timeline_step is not None:
         from pagedllm.bench import kernel_timeline as kt
 
         with torch.inference_mode():
             steps = 20
-            kernels = kt.profile_kernels(_device_step(engine), steps)
+            kernels = kt.profile_kernels(timeline_step, steps)
         print(f"\nkernel timeline of the device step ({steps} steps, {len(kernels)} kernels)")
         kt.print_table(kt.summarize(kernels, steps))
         per = len(kernels) // steps

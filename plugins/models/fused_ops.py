@@ -185,7 +185,8 @@ GEMV_WARPS = int(os.environ.get("PAGEDLLM_GEMV_WARPS", 0)) or None
 # 0.762 with it on the plain products (o_proj, lm_head), 0.725 on the normed ones (qkv,
 # gate_up), 0.719 on both; but 0.926 on the SiLU one (down_proj) alone.  The 8-warp
 # programs of 4096-wide models were not measured, so they keep the [M, N, K] product.
-# PAGEDLLM_GEMV_ROW_DOT ("plain,norm,silu", any subset, or "none") overrides the kinds.
+# PAGEDLLM_GEMV_ROW_DOT ("plain,norm,silu", any subset, or "none") sets the kinds, for
+# benchmarking, and then at any warp count.
 ROW_DOT_KINDS = frozenset(os.environ.get("PAGEDLLM_GEMV_ROW_DOT", "plain,norm").split(","))
 ROW_DOT_WARPS = 4 if "PAGEDLLM_GEMV_ROW_DOT" not in os.environ else None  # None: any
 
