@@ -149,6 +149,19 @@ def mixed_seqs(block_size: int) -> list[tuple[int, int]]:
     ]
 
 
+# The two decode kernels: the group-tile one, and the per-query-head one-warp programs that
+# small batches use (``decode_per_head_max_batch``).
+DECODE_KERNELS = {"group": dict(decode_per_head_max_batch=0),
+                  "per-head": dict(decode_per_head_max_batch=10_000)}
+decode_kernels = pytest.mark.parametrize("kernel", list(DECODE_KERNELS))
+
+
+def split_tune(kernel: str, min_partition: int = 32) -> dict:
+    """Tuning that splits every decode as far as ``min_partition`` allows, with ``kernel``."""
+    return dict(DECODE_KERNELS[kernel], decode_min_partition=min_partition,
+                decode_programs_per_sm=10_000, decode_head_programs_per_sm=10_000)
+
+
 # ---- interpreted (or native) checks on tiny shapes ---------------------------------------
 
 @needs_kernels
@@ -174,8 +187,9 @@ def test_tile_boundaries_and_big_groups():
 
 
 @needs_kernels
+@decode_kernels
 @pytest.mark.parametrize("decodes_first", [True, False], ids=["dense", "interleaved"])
-def test_split_decode_matches_torch(decodes_first):
+def test_split_decode_matches_torch(decodes_first, kernel):
     # Force flash-decoding splits on short contexts: 32-token partitions, as many as fit.
     # Lengths differ a lot, so short sequences leave later partitions empty.
     seqs = [(150, 1), (3, 1), (64, 1), (97, 1)]
@@ -185,7 +199,8 @@ def test_split_decode_matches_torch(decodes_first):
         seqs.insert(1, (20, 6))
     be, md = check_against_torch(
         seqs, 4, 2, 16, 4, torch.float32, seed=3,
-        tune=dict(decode_min_partition=32, decode_programs_per_sm=10_000))
+        tune=split_tune(kernel))
+    assert be._per_head(4) == (kernel == "per-head")
     assert be._splits(4, 151, DEVICE) == 5  # 150 tokens: 5 partitions of 32 keys
     plan = next(iter(md.__dict__["_triton_attention_plans"].values()))
     assert (plan.decode_ids is None) == decodes_first  # dense decodes need no index map
@@ -205,14 +220,14 @@ def test_negative_slots_are_not_written():
 
 
 @needs_kernels
+@decode_kernels
 @pytest.mark.parametrize("split", [False, True], ids=["one-partition", "split"])
-def test_decode_only_step_writes_kv_inside_the_decode_kernel(split):
+def test_decode_only_step_writes_kv_inside_the_decode_kernel(split, kernel):
     # Every row one new token, in batch order: the decode kernel writes the K/V (no write
     # kernel runs), including a token that opens a block, one that fills one, and one with
     # no context at all; outputs and cache equal the torch backend's.
     seqs = [(150, 1), (0, 1), (15, 1), (16, 1), (47, 1)]
-    tune = dict(decode_min_partition=32, decode_programs_per_sm=10_000) if split else \
-        dict(decode_max_splits=1)
+    tune = split_tune(kernel) if split else dict(DECODE_KERNELS[kernel], decode_max_splits=1)
     be, md = check_against_torch(seqs, 4, 2, 16, 16, torch.float32, seed=9, tune=tune)
     assert (be._splits(len(seqs), 151, DEVICE) > 1) == bool(split)
     plan = next(iter(md.__dict__["_triton_attention_plans"].values()))
@@ -273,15 +288,17 @@ def check_fused_rotary(seqs, num_heads, num_kv_heads, head_dim, block_size, dtyp
 
 
 @needs_kernels
+@decode_kernels
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "rope+qk-norm"])
 @pytest.mark.parametrize("split", [False, True, "16-key tiles"],
                          ids=["one-partition", "split", "split-16-keys"])
-def test_decode_only_step_applies_rotary_inside_the_decode_kernel(split, qk_norm):
+def test_decode_only_step_applies_rotary_inside_the_decode_kernel(split, qk_norm, kernel):
     seqs = [(150, 1), (0, 1), (15, 1), (16, 1), (47, 1)]
-    tune = dict(decode_min_partition=32, decode_programs_per_sm=10_000) if split else \
-        dict(decode_max_splits=1)
+    tune = split_tune(kernel) if split else dict(DECODE_KERNELS[kernel], decode_max_splits=1)
     if split == "16-key tiles":  # partitions of 16 keys: the new token alone in some
-        tune.update(decode_block_n=16, decode_min_partition=16)
+        tune.update(decode_block_n=16, decode_head_block_n=16, decode_min_partition=16)
+    elif kernel == "per-head":  # tiles of 8 keys: partitions of several tiles
+        tune.update(decode_head_block_n=8)
     be = check_fused_rotary(seqs, 4, 2, 16, 16, torch.float32, seed=12 + qk_norm,
                             qk_norm=qk_norm, tune=tune)
     assert (be._splits(len(seqs), 151, DEVICE) > 1) == bool(split)
@@ -295,7 +312,8 @@ def test_fused_rotary_is_declined_for_mixed_steps():
 
 
 @needs_kernels
-def test_decode_only_graph_padding_writes_nothing():
+@decode_kernels
+def test_decode_only_graph_padding_writes_nothing(kernel):
     # Padded rows of a graph batch: one token at position 0 of a 1-token context, slot -1,
     # block table row 0.  Only the real rows' K/V may land in the cache.
     q, k, v, cache, md = make_step([(20, 1), (3, 1)], 4, 2, 16, 4, torch.float32, DEVICE,
@@ -314,7 +332,8 @@ def test_decode_only_graph_padding_writes_nothing():
     expected.view(2, -1, 2, 16)[0, md.slot_mapping[:2]] = k
     expected.view(2, -1, 2, 16)[1, md.slot_mapping[:2]] = v
     be = TritonAttentionBackend(4, 2, 16, 0.25)
-    be.decode_min_partition, be.decode_programs_per_sm = 16, 10_000  # split, as graphs do
+    for name, value in split_tune(kernel, 16).items():  # split, as graphs do
+        setattr(be, name, value)
     got = be.forward(pad(q), pad(k), pad(v), cache, md)
     assert torch.equal(cache, expected)
     # The real rows' outputs equal the torch backend's on the unpadded step.
@@ -455,8 +474,9 @@ def test_gpu_long_contexts_match_torch(head_dim, heads, block_size, dtype):
 
 
 @pytest.mark.gpu
+@decode_kernels
 @pytest.mark.parametrize("batch", [1, 3, 64])
-def test_gpu_split_decode_matches_torch(batch):
+def test_gpu_split_decode_matches_torch(batch, kernel):
     """Decode-only batches (the W6 shape): small batches split each sequence many ways."""
     if not HAVE_TRITON:
         pytest.skip("triton is not installed")
@@ -464,22 +484,24 @@ def test_gpu_split_decode_matches_torch(batch):
     seqs = [(rng.choice([1023, 4095, 16383, 32767]) if batch < 64 else rng.randint(1, 8191), 1)
             for _ in range(batch)]
     be, _ = check_against_torch(seqs, 32, 8, 128, 16, torch.bfloat16, seed=batch,
-                                device=torch.device("cuda"), reference_fp32=True)
+                                device=torch.device("cuda"), reference_fp32=True,
+                                tune=DECODE_KERNELS[kernel])
     if batch == 1:
         assert be._splits(1, seqs[0][0] + 1, torch.device("cuda")) > 1
 
 
 @pytest.mark.gpu
+@decode_kernels
 @pytest.mark.parametrize("batch", [1, 5, 64])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "rope+qk-norm"])
-def test_gpu_fused_rotary_decode_matches_torch(batch, qk_norm):
+def test_gpu_fused_rotary_decode_matches_torch(batch, qk_norm, kernel):
     # Real shapes (Qwen3-0.6B's 16/8 heads of 128), lengths from 1 to 4k, the split
     # counts the backend picks (66 at batch 1 on an H200), and several steps on one
     # backend: the combine counters must come back to zero every time.
     rng = random.Random(batch)
     seqs = [(rng.choice([0, 1, 63, 64, 200, rng.randrange(4096)]), 1) for _ in range(batch)]
     check_fused_rotary(seqs, 16, 8, 128, 16, torch.bfloat16, seed=batch, qk_norm=qk_norm,
-                       device=torch.device("cuda"), repeats=4)
+                       device=torch.device("cuda"), repeats=4, tune=DECODE_KERNELS[kernel])
 
 
 @pytest.mark.gpu

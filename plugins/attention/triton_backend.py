@@ -140,6 +140,16 @@ class TritonAttentionBackend(AttentionBackend):
     # and PAGEDLLM_DECODE_MAXNREG set them, for benchmarking.
     decode_block_n = int(os.environ.get("PAGEDLLM_DECODE_BLOCK_N", 0)) or None
     decode_maxnreg = int(os.environ.get("PAGEDLLM_DECODE_MAXNREG", 0)) or None
+    # Decode launches of at most this many sequences use ``decode_head_kernel``: one-warp
+    # programs per query head, no tl.dot, no cross-warp reductions (latency-bound small
+    # batches); larger ones the group-tile kernel, which loads each K/V tile once per group.
+    # Its keys per tile and programs per SM (it has 1-warp programs, so more fit).
+    # PAGEDLLM_DECODE_PER_HEAD_MAX_BATCH (0: never), PAGEDLLM_DECODE_HEAD_BLOCK_N and
+    # PAGEDLLM_DECODE_HEAD_PROGRAMS_PER_SM override them, for benchmarking.
+    decode_per_head_max_batch = int(os.environ.get("PAGEDLLM_DECODE_PER_HEAD_MAX_BATCH", 4))
+    decode_head_block_n = int(os.environ.get("PAGEDLLM_DECODE_HEAD_BLOCK_N", 16))
+    decode_head_programs_per_sm = int(os.environ.get("PAGEDLLM_DECODE_HEAD_PROGRAMS_PER_SM", 4))
+    decode_head_warps = int(os.environ.get("PAGEDLLM_DECODE_HEAD_WARPS", 1))
 
     @classmethod
     def supports(cls, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -202,13 +212,20 @@ class TritonAttentionBackend(AttentionBackend):
         block_n = 64 if self.head_dim <= 128 and dtype != torch.float32 else 32
         return self.decode_block_n or block_n, warps, 2
 
+    def _per_head(self, num_decodes: int) -> bool:
+        """Whether a decode launch of ``num_decodes`` sequences uses ``decode_head_kernel``."""
+        return num_decodes <= self.decode_per_head_max_batch
+
     def _splits(self, num_decodes: int, max_len: int, device) -> int:
         """Partitions per sequence for one decode launch (the kernel sizes each sequence's)."""
         if self._num_sms is None:
             self._num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                              if device.type == "cuda" else 4)
-        programs = num_decodes * self.num_kv_heads
-        want = _cdiv(self.decode_programs_per_sm * self._num_sms, programs)
+        if self._per_head(num_decodes):
+            programs, per_sm = num_decodes * self.num_heads, self.decode_head_programs_per_sm
+        else:
+            programs, per_sm = num_decodes * self.num_kv_heads, self.decode_programs_per_sm
+        want = _cdiv(per_sm * self._num_sms, programs)
         return max(1, min(want, _cdiv(max_len, self.decode_min_partition),
                            self.decode_max_splits))
 
@@ -224,7 +241,9 @@ class TritonAttentionBackend(AttentionBackend):
         if c is None or c.shape[0] < rows or c.device != device:
             if c is not None:  # a captured graph may still use it: never free it
                 self._old_counters.append(c)
-            c = self._counters = torch.zeros((max(256, _next_pow2(rows)), self.num_kv_heads),
+            # num_heads a row: the per-head kernel counts per query head; the group kernel
+            # indexes row * num_kv_heads + kv_head, inside the same (zeroed) span.
+            c = self._counters = torch.zeros((max(256, _next_pow2(rows)), self.num_heads),
                                              dtype=torch.int32, device=device)
         return c
 
@@ -313,6 +332,7 @@ class TritonAttentionBackend(AttentionBackend):
         q is): the kernel takes each sequence's new token from them, not from the cache,
         and with ``write_kv`` stores it in the cache too."""
         nd = plan.num_decodes
+        per_head = self._per_head(nd)
         block_n, warps, stages = self._decode_config(key_cache.dtype)
         splits = self._splits(nd, plan.max_decode_len, query.device)
         dense = plan.decode_ids is None
@@ -337,14 +357,24 @@ class TritonAttentionBackend(AttentionBackend):
         else:  # unused, but of the dtypes and alignment of the real ones: one compiled variant
             table = self._unused_table(query.device)
             rope = (table, table, query, query, 0.0, self.head_dim)
-        k.decode_kernel[(nd, self.num_kv_heads, splits)](
+        args = (
             query, key_cache, value_cache, out, part_o, part_m, part_l, counters,
             md.block_tables, md.seq_lens, md.query_start_loc, ids,
             key, value, md.slot_mapping, int(write_kv),
             0 if rotary is None else (2 if rotary.q_norm is not None else 1), *rope,
             self.scale, *strides,
-            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-            ONE_SPLIT=splits == 1, DENSE=dense,
+            key.stride(0), key.stride(1), value.stride(0), value.stride(1))
+        if per_head:
+            k.decode_head_kernel[(nd, self.num_heads, splits)](
+                *args, ONE_SPLIT=splits == 1, DENSE=dense, GROUP=self.group,
+                HEAD_DIM=self.head_dim, BLOCK_SIZE=key_cache.shape[1],
+                BLOCK_N=self.decode_head_block_n,
+                COMBINE_CHUNK=min(32, max(2, _next_pow2(splits))), USE_PDL=launch["USE_PDL"],
+                launch_pdl=launch["launch_pdl"], num_warps=self.decode_head_warps,
+                num_stages=1)
+            return
+        k.decode_kernel[(nd, self.num_kv_heads, splits)](
+            *args, ONE_SPLIT=splits == 1, DENSE=dense,
             GROUP=self.group, GROUP_PAD=max(16, _next_pow2(self.group)),
             GROUP_P2=_next_pow2(self.group),
             HEAD_DIM=self.head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n,

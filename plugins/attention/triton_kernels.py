@@ -269,7 +269,7 @@ def decode_kernel(
             counter = counter_ptr + i * tl.num_programs(1) + kv_head
             ticket = tl.atomic_add(counter, 1, sem="acq_rel")
             if ticket == used - 1:
-                tl.atomic_xchg(counter, 0)  # ready for the next step
+                tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next step (the kernel boundary orders it)
                 # All the group's heads at once, partitions in chunks with a running max:
                 # up to COMBINE_ROWS // GROUP_P2 partitions take one round of loads.
                 CHUNK: tl.constexpr = COMBINE_ROWS // GROUP_P2
@@ -300,6 +300,163 @@ def decode_kernel(
                 tl.store(out_ptr + tok * stride_ot + out_heads[:, None] * stride_oh
                          + d[None, :], (comb / w_sum[:, None]).to(out_ptr.dtype.element_ty),
                          mask=h_ok[:, None])
+
+
+@triton.jit
+def _load_head_tile(k_cache_ptr, v_cache_ptr, table_row, n0, kv_end, d, head_off,
+                    stride_cb, stride_cs, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K and V tiles ([keys, HEAD_DIM], both untransposed) of one KV head at cache positions
+    ``n0 + arange(BLOCK_N)``, and which of them are before ``kv_end`` (the rest read 0)."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    ok = pos < kv_end
+    blk = tl.load(table_row + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+    base = (blk * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off)[:, None] + d[None, :]
+    k = tl.load(k_cache_ptr + base, mask=ok[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + base, mask=ok[:, None], other=0.0)
+    return k, v, ok
+
+
+@triton.jit
+def _attend_head_tile(q, k, v, ok, m_i, l_i, acc, qk_scale):
+    """One online-softmax step for one query head (``q``: [1, HEAD_DIM] float32) over a
+    key tile, without tl.dot: products summed along rows, in float32."""
+    s = tl.sum(k.to(tl.float32) * q, axis=1) * qk_scale  # [BLOCK_N]
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)[None, :]
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["stride_bt", "write_kv", "rope"])
+def decode_head_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
+    counter_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, seq_ids_ptr,
+    key_ptr, value_ptr, slot_ptr, write_kv, rope,
+    cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, norm_eps, stride_ct,
+    scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch, stride_bt,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    ONE_SPLIT: tl.constexpr, DENSE: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    COMBINE_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """``decode_kernel`` for small batches: one program = one decode sequence x one *query*
+    head x one partition, meant for one warp.  Every reduction (scores over head_dim,
+    softmax over keys, the q/k norms, the combine) then stays inside the warp, as shuffles,
+    where the group-tile kernel's tl.dot operand shuffles and cross-warp reductions cost a
+    chain of CTA barriers after the PDL wait.  The group's heads read the same K/V tile
+    (the second read hits L2): at small batches the step is latency-bound, not DRAM-bound.
+    Same arguments, rounding and partial/combine protocol as ``decode_kernel``, with the
+    counters per (sequence, query head); no tl.dot, so float32 needs no special case."""
+    i = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_head = head // GROUP
+    if DENSE:
+        seq = i
+    else:
+        seq = tl.load(seq_ids_ptr + i)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tok = tl.load(query_start_ptr + seq).to(tl.int64)
+    partition_size = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    start = split * partition_size
+    if start < seq_len:
+        end = tl.minimum(start + partition_size, seq_len)
+        d = tl.arange(0, HEAD_DIM)
+        one = tl.arange(0, 1)
+        has_rope = (d * 0 + rope) != 0
+        cos = tl.load(cos_ptr + tok * stride_ct + d, mask=has_rope, other=0.0)[None, :]
+        sin = tl.load(sin_ptr + tok * stride_ct + d, mask=has_rope, other=0.0)[None, :]
+        last = seq_len - 1
+        # Only the group's first head stores the new token's K/V (all of them compute it).
+        slot = tl.load(slot_ptr + tok, mask=(write_kv != 0) & (last < end)
+                       & (head % GROUP == 0), other=-1).to(tl.int64)
+        table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        head_off = kv_head * stride_ch
+        old_end = tl.minimum(end, last)
+        k, v, ok = _load_head_tile(k_cache_ptr, v_cache_ptr, table_row, start, old_end, d,
+                                   head_off, stride_cb, stride_cs, BLOCK_SIZE, BLOCK_N)
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        q_row = q_ptr + tok * stride_qt
+        if rope != 0:
+            q = _rope_rows(q_row, one * 0 + head * stride_qh, one == 0, d, cos, sin,
+                           q_norm_ptr, norm_eps, rope == 2, HEAD_DIM)
+        else:
+            q = tl.load(q_row + head * stride_qh + d)[None, :]
+        q = q.to(k_cache_ptr.dtype.element_ty).to(tl.float32)  # [1, HEAD_DIM]
+        qk_scale = scale * LOG2E
+
+        m_i = tl.max(tl.full([1], float("-inf"), tl.float32), axis=0)
+        l_i = tl.sum(tl.zeros([1], tl.float32), axis=0)
+        acc = tl.zeros([1, HEAD_DIM], tl.float32)
+        if last < end:
+            if rope != 0:
+                k_new = _rope_rows(key_ptr + tok * stride_kt, one * 0 + kv_head * stride_kh,
+                                   one == 0, d, cos, sin, k_norm_ptr, norm_eps, rope == 2,
+                                   HEAD_DIM)
+            else:
+                k_new = tl.load(key_ptr + tok * stride_kt + kv_head * stride_kh + d)[None, :]
+            k_new = k_new.to(k_cache_ptr.dtype.element_ty)
+            v_new = tl.load(value_ptr + tok * stride_vt + kv_head * stride_vh + d
+                            ).to(v_cache_ptr.dtype.element_ty)
+            if slot >= 0:
+                dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
+                    + kv_head * stride_ch + d
+                tl.store(k_cache_ptr + dst[None, :], k_new)
+                tl.store(v_cache_ptr + dst, v_new)
+            m_i = tl.sum(tl.sum(q * k_new.to(tl.float32), axis=1), axis=0) * qk_scale
+            l_i = l_i + 1.0
+            acc += v_new.to(tl.float32)[None, :]
+        # The partition's first tile holds its first key unless the new token opened it
+        # (see decode_kernel): the running max stays finite.
+        m_i, l_i, acc = _attend_head_tile(q, k, v, ok, m_i, l_i, acc, qk_scale)
+        for n0 in range(start + BLOCK_N, old_end, BLOCK_N):
+            k, v, ok = _load_head_tile(k_cache_ptr, v_cache_ptr, table_row, n0, old_end, d,
+                                       head_off, stride_cb, stride_cs, BLOCK_SIZE, BLOCK_N)
+            m_i, l_i, acc = _attend_head_tile(q, k, v, ok, m_i, l_i, acc, qk_scale)
+
+        o = acc / l_i
+        if ONE_SPLIT:
+            tl.store(out_ptr + tok * stride_ot + head * stride_oh + d[None, :],
+                     o.to(out_ptr.dtype.element_ty))
+        else:
+            num_splits = tl.num_programs(2)
+            row = (i.to(tl.int64) * tl.num_programs(1) + head) * num_splits
+            tl.store(part_m_ptr + row + split, m_i)
+            tl.store(part_l_ptr + row + split, l_i)
+            tl.store(part_out_ptr + (row + split) * HEAD_DIM + d[None, :], o)
+            tl.debug_barrier()
+            used = tl.cdiv(seq_len, partition_size)
+            counter = counter_ptr + i * tl.num_programs(1) + head
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+            if ticket == used - 1:
+                tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next step (the kernel boundary orders it)
+                m_run = tl.max(tl.full([1], float("-inf"), tl.float32), axis=0)
+                w_sum = tl.sum(tl.zeros([1], tl.float32), axis=0)
+                comb = tl.zeros([HEAD_DIM], tl.float32)
+                for c0 in range(0, used, COMBINE_CHUNK):
+                    c = c0 + tl.arange(0, COMBINE_CHUNK)
+                    cok = c < used
+                    cm = tl.load(part_m_ptr + row + c, mask=cok, other=float("-inf"),
+                                 cache_modifier=".cg")
+                    cl = tl.load(part_l_ptr + row + c, mask=cok, other=0.0,
+                                 cache_modifier=".cg")
+                    po = tl.load(part_out_ptr + (row + c)[:, None] * HEAD_DIM + d[None, :],
+                                 mask=cok[:, None], other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m_run, tl.max(cm, axis=0))  # partition 0: chunk 0
+                    a = tl.exp2(m_run - m_new)
+                    wt = tl.exp2(cm - m_new) * cl
+                    comb = comb * a + tl.sum(po * wt[:, None], axis=0)
+                    w_sum = w_sum * a + tl.sum(wt, axis=0)
+                    m_run = m_new
+                tl.store(out_ptr + tok * stride_ot + head * stride_oh + d,
+                         (comb / w_sum).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
