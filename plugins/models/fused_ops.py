@@ -191,8 +191,18 @@ ROW_DOT_KINDS = frozenset(os.environ.get("PAGEDLLM_GEMV_ROW_DOT", "plain,norm").
 ROW_DOT_WARPS = 4 if "PAGEDLLM_GEMV_ROW_DOT" not in os.environ else None  # None: any
 
 
+# Weight rows per one-tile program by kind ("silu=2,norm=8": down_proj 2, normed 8; unset:
+# ``gemv_config``'s).  PAGEDLLM_GEMV_BLOCK_N sets it, for benchmarking.
+BLOCK_N_BY_KIND = {kind: int(n) for kind, n in (
+    item.split("=") for item in os.environ.get("PAGEDLLM_GEMV_BLOCK_N", "").split(",") if item)}
+
+
+def _kind(silu_mul: bool, norm: bool) -> str:
+    return "silu" if silu_mul else "norm" if norm else "plain"
+
+
 def _row_dot(m_pad: int, warps: int, silu_mul: bool, norm: bool) -> bool:
-    kind = "silu" if silu_mul else "norm" if norm else "plain"
+    kind = _kind(silu_mul, norm)
     return (m_pad == 1 and kind in ROW_DOT_KINDS
             and (ROW_DOT_WARPS is None or warps == ROW_DOT_WARPS))
 
@@ -257,6 +267,8 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
     m_pad = _next_pow2(m)
     block_n, block_k, warps, stages = config or gemv_config(n, k, m_pad)
     warps = GEMV_WARPS or warps
+    if config is None and block_k >= k:
+        block_n = BLOCK_N_BY_KIND.get(_kind(silu_mul, norm is not None), block_n)
     if interpreted:  # the interpreter's cost grows with tile size
         block_k = min(block_k, max(64, _next_pow2(k) if k <= 128 else 64))
     norm_w, eps = norm if norm is not None else (weight, 0.0)
