@@ -7,7 +7,9 @@ size replaces hundreds of kernel launches by one.  A batch is padded up to the n
 size; padded rows hold token 0 at position 0 with ``seq_lens`` 1, block table row 0 and slot
 -1, so they write no K/V and their outputs are dropped.  Graphs cover the model body, and
 for batches up to ``logits_max_batch`` the LM head too: there the host's launch of it (a
-Triton GEMV at batch 1, tens of microseconds of Python) would be a good part of the step.
+Triton GEMV at batch 1, tens of microseconds of Python) would be a good part of the step;
+there the graph also takes each row's argmax, which greedy batches sample as they are (a
+kernel launched after the graph waits some microseconds for the graph to end).
 Larger batches run the LM head eagerly on the rows that sample, which keeps the graphs'
 memory small (every captured size keeps its outputs).
 """
@@ -43,9 +45,9 @@ class DecodeGraphs:
         # The step buffer of the largest batch: every row samples and may need a fill.
         self._buffer = torch.zeros(StepLayout(b, b, b, b, self.table_width).size,
                                    dtype=torch.int32, device=device)
-        # size -> (graph, hidden states, logits of every row or None)
+        # size -> (graph, hidden states, logits of every row or None, their argmax or None)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor,
-                                      torch.Tensor | None]] = {}
+                                      torch.Tensor | None, torch.Tensor | None]] = {}
 
     @property
     def max_batch(self) -> int:
@@ -79,7 +81,10 @@ class DecodeGraphs:
 
     def _forward(self, ids, pos, md, with_logits: bool):
         hidden = self.model(ids, pos, self.kv_caches, md)
-        return hidden, (self.model.compute_logits(hidden) if with_logits else None)
+        if not with_logits:
+            return hidden, None, None
+        logits = self.model.compute_logits(hidden)
+        return hidden, logits, logits.argmax(dim=-1)
 
     @torch.inference_mode()
     def capture(self, log: Callable[[str], None] | None = None) -> None:
@@ -93,16 +98,17 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out, logits = self._forward(ids, pos, md, with_logits)
-            self._graphs[b] = (graph, out, logits)
+                out, logits, greedy = self._forward(ids, pos, md, with_logits)
+            self._graphs[b] = (graph, out, logits, greedy)
         torch.cuda.synchronize(self.device)
         if log:
             extra = (torch.cuda.memory_reserved(self.device) - before) / 2**20
             log(f"CUDA graphs captured for decode batches {self.sizes[0]}..{self.sizes[-1]} "
                 f"({len(self.sizes)} sizes, {extra:.0f} MiB)")
 
-    def replay(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden states [b, hidden], logits [b, vocab] or None above logits_max_batch)."""
-        graph, out, logits = self._graphs[b]
+    def replay(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(hidden states [b, hidden], logits [b, vocab] and their argmax [b], both None
+        above logits_max_batch)."""
+        graph, out, logits, greedy = self._graphs[b]
         graph.replay()
-        return out, logits
+        return out, logits, greedy

@@ -362,7 +362,7 @@ class LLMEngine:
         model_input = self.runner.prepare(
             sched, pending.rows if pending else None,
             pending.batch.token_ids if pending else None)
-        logits = self.runner.execute(model_input)
+        logits, greedy_ids = self.runner.execute(model_input)
         # The loops below run for every request on every step, ahead of the device: they
         # read attributes once into locals and call out only for what is rare.
         caching = self.kv_manager.enable_prefix_caching
@@ -397,8 +397,10 @@ class LLMEngine:
         if not requests:
             return outputs
         if not same_rows:
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        batch = self.sampler.sample(logits, requests)
+            index = torch.tensor(rows, device=logits.device)
+            logits = logits[index]
+            greedy_ids = greedy_ids[index] if greedy_ids is not None else None
+        batch = self.sampler.sample(logits, requests, greedy_ids)
         indices = []
         max_len = self.max_model_len
         for req in requests:

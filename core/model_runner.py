@@ -182,11 +182,12 @@ class ModelRunner:
                           sample_requests, num_tokens, graph_batch)
 
     @torch.inference_mode()
-    def execute(self, model_input: ModelInput) -> torch.Tensor:
-        """Launch the batch; return logits [len(sample_requests), vocab] (not synchronized)."""
-        logits = None
+    def execute(self, model_input: ModelInput) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Launch the batch; return logits [len(sample_requests), vocab] (not synchronized)
+        and, where a decode graph computed them, their argmax per row (else None)."""
+        logits = greedy = None
         if model_input.graph_batch:
-            hidden, logits = self.graphs.replay(model_input.graph_batch)
+            hidden, logits, greedy = self.graphs.replay(model_input.graph_batch)
             self.num_graph_steps += 1
         else:
             hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
@@ -194,8 +195,8 @@ class ModelRunner:
         self.num_tokens_computed += model_input.num_tokens
         n = len(model_input.sample_requests)
         if not n:
-            return hidden.new_empty((0, 0))
+            return hidden.new_empty((0, 0)), None
         if logits is not None and n == model_input.num_tokens:
             # The graph computed every row's logits; a decode batch samples rows 0..n-1.
-            return logits[:n]
-        return self.model.compute_logits(hidden.index_select(0, model_input.sample_rows))
+            return logits[:n], greedy[:n]
+        return self.model.compute_logits(hidden.index_select(0, model_input.sample_rows)), None

@@ -88,7 +88,10 @@ class Sampler:
                  tokenizer_decode=None) -> list[SampledToken]:
         return self.to_host(self.sample(logits, requests), tokenizer_decode)
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampledBatch:
+    def sample(self, logits: torch.Tensor, requests: list[Request],
+               greedy_ids: torch.Tensor | None = None) -> SampledBatch:
+        """``greedy_ids``: ``logits.argmax(-1)`` when already computed (inside a decode
+        graph); taken as the choice when every row is plain greedy."""
         want_logprobs = any(r.needs_logprob for r in requests)
         # Greedy rows with nothing to adjust take one batched argmax; the rest go row by row.
         if all(r.plain_greedy for r in requests):  # the common case, decided cheaply
@@ -98,7 +101,7 @@ class Sampler:
                      if r.params.greedy and not _adjusts_logits(r)]
         if len(plain) == len(requests):
             # The argmax of half-precision logits is the argmax of their float32 copy.
-            chosen = logits.argmax(dim=-1)
+            chosen = greedy_ids if greedy_ids is not None else logits.argmax(dim=-1)
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None
         else:
             logits = logits.float()

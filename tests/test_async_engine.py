@@ -154,11 +154,11 @@ def test_a_request_that_breaks_the_step_fails_alone(engine, offline):
     core = engine.engine
     real_sample = core.sampler.sample
 
-    def sample(logits, requests):
+    def sample(logits, requests, greedy_ids=None):
         # The poisoned request (seed 1234) breaks every step it is in, from its 3rd token.
         if any(r.params.seed == 1234 and len(r.output_token_ids) >= 2 for r in requests):
             raise RuntimeError("poisoned batch")
-        return real_sample(logits, requests)
+        return real_sample(logits, requests, greedy_ids)
 
     core.sampler.sample = sample
     poison = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, seed=1234)

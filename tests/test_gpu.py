@@ -133,10 +133,16 @@ def test_cuda_graph_logits_equal_eager(tmp_path, lengths, graph_batch):
     assert graphed.graph_batch == graph_batch  # padded to the ladder's next size
     in_graph = graph_batch <= engine.runner.graphs.logits_max_batch
     assert (engine.runner.graphs.replay(graph_batch)[1] is not None) == in_graph
-    got = engine.runner.execute(graphed).clone()
+    got, greedy = engine.runner.execute(graphed)
+    got = got.clone()
     assert got.shape[0] == len(lengths)
+    # The graph's own argmax (greedy batches sample it) is the logits' argmax.
+    assert (greedy is not None) == in_graph
+    if in_graph:
+        assert torch.equal(greedy, got.argmax(dim=-1))
     engine.runner.graphs, graphs = None, engine.runner.graphs
     eager = engine.runner.prepare(sched)
-    want = engine.runner.execute(eager)
+    want, eager_greedy = engine.runner.execute(eager)
+    assert eager_greedy is None
     engine.runner.graphs = graphs
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -119,12 +119,12 @@ def _generate_and_check(tiny, llm, indices, monkeypatch):
     real_execute = runner.execute
 
     def execute(model_input):
-        logits = real_execute(model_input)
+        logits, greedy_ids = real_execute(model_input)
         for row, req in enumerate(model_input.sample_requests):
             # This row predicts the token after position num_tokens - 1.
             captured.setdefault(req.request_id, []).append(
                 (req.num_tokens - 1, logits[row].detach().float().clone()))
-        return logits
+        return logits, greedy_ids
 
     monkeypatch.setattr(runner, "execute", execute)
     prompts = [tiny.prompts[i] for i in indices]

@@ -146,3 +146,24 @@ def test_engine_generator_makes_unseeded_runs_reproducible(smollm2_path):
     b = LLM(model=str(smollm2_path), seed=3, kv_cache_memory_gb=0.05)
     assert tokens(b.generate(PROMPTS, params, use_tqdm=False)) == first
     torch.manual_seed(0)
+
+
+def test_precomputed_greedy_ids_are_sampled_only_when_every_row_is_plain_greedy():
+    # A decode graph hands the sampler its own argmax; a batch of plain greedy rows takes it
+    # as it is, and any other batch chooses from the logits (so a wrong argmax would show).
+    from pagedllm.request import Request
+    from pagedllm.sampler import Sampler
+
+    def request(i, **params):
+        return Request(str(i), None, [1, 2, 3], SamplingParams(max_tokens=4, **params), None, i)
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    handed = torch.tensor([7, 8, 9])  # not the logits' argmax: tells which was used
+    sampler = Sampler(torch.Generator().manual_seed(1))
+    plain = [request(i, temperature=0) for i in range(3)]
+    assert [t.token_id for t in sampler(logits, plain, None)] == logits.argmax(-1).tolist()
+    got = sampler.to_host(sampler.sample(logits, plain, handed))
+    assert [t.token_id for t in got] == [7, 8, 9]
+    mixed = plain[:2] + [request(3, temperature=0, repetition_penalty=1.5)]
+    got = sampler.to_host(sampler.sample(logits, mixed, handed))
+    assert [t.token_id for t in got][:2] == logits[:2].argmax(-1).tolist()

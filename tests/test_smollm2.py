@@ -25,7 +25,7 @@ def _last_logits(llm, token_ids: list[int]) -> torch.Tensor:
                        SamplingParams(temperature=0, max_tokens=1))
     sched = engine.scheduler.schedule()
     model_input = engine.runner.prepare(sched)
-    logits = engine.runner.execute(model_input)
+    logits, _ = engine.runner.execute(model_input)
     engine.abort_request("logits-probe")
     return logits[0]
 

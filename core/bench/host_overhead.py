@@ -61,7 +61,7 @@ def build_engine(batch: int, table_width: int | None):
 
     def stub_execute(model_input):
         runner.num_tokens_computed += model_input.num_tokens
-        return torch.zeros((len(model_input.sample_requests), vocab))
+        return torch.zeros((len(model_input.sample_requests), vocab)), None
 
     runner.execute = stub_execute
     if table_width:  # decode steps carry a block table as wide as a graph batch's

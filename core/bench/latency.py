@@ -94,10 +94,11 @@ def _device_step(engine):
     model = engine.runner.model
 
     def step():
-        hidden, logits = graphs.replay(b)
+        hidden, logits, greedy = graphs.replay(b)
         if logits is None:
             logits = model.compute_logits(hidden[:1])
-        logits[:1].argmax(dim=-1)
+        if greedy is None:
+            logits[:1].argmax(dim=-1)
 
     return step
 
