@@ -268,3 +268,13 @@ def test_gemv_sweep_tries_the_tiling_gemv_config_would_pick(k, m):
             assert bk >= k and bn * m_pad * bk <= fused_ops.ONE_TILE_MAX_ELEMENTS
         else:
             assert bk < k
+
+
+def test_normed_one_tile_products_take_eight_rows():
+    # Wide one-tile products: 16 weight rows a program, 8 with the norm prologue (measured
+    # in-model); tiled K and narrow outputs are unchanged by it.
+    assert fused_ops.gemv_config(4096, 1024, 1)[0] == 16
+    assert fused_ops.gemv_config(4096, 1024, 1, normed=True)[0] == 8
+    assert fused_ops.gemv_config(1024, 2048, 1, normed=True) == fused_ops.gemv_config(1024, 2048, 1)
+    assert fused_ops.gemv_config(4096, 14336, 1, normed=True) == \
+        fused_ops.gemv_config(4096, 14336, 1)

@@ -207,12 +207,17 @@ def _row_dot(m_pad: int, warps: int, silu_mul: bool, norm: bool) -> bool:
             and (ROW_DOT_WARPS is None or warps == ROW_DOT_WARPS))
 
 
-def gemv_config(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [m_pad, k] x [n, k]^T product.
+def gemv_config(n: int, k: int, m_pad: int, normed: bool = False
+                ) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [m_pad, k] x [n, k]^T product
+    (``normed``: with the RMSNorm prologue).
 
     Where a program's slab fits ``ONE_TILE_MAX_ELEMENTS`` it is one tile of 16 weight rows
-    (8 under 4096 outputs, fewer where K is long), four warps (eight for 4096-deep slabs of
-    wide weights): a few fat programs per SM.  Llama-8B's K of 4096 (``--sweep``): 8 rows,
+    (8 under 4096 outputs or with the norm prologue, fewer where K is long), four warps
+    (eight for 4096-deep slabs of wide weights): a few fat programs per SM.  Normed products
+    take 8 rows since the in-model measurement (H200, W2 Qwen3-0.6B device time per step,
+    2026-12-02, two calls): 0.620 and 0.621 ms against 0.629 and 0.630 with 16, where qkv
+    and gate_up (4096 and 6144 outputs, K 1024) had 16.  Llama-8B's K of 4096 (``--sweep``): 8 rows,
     8 warps, best or within 0.5 us of it on qkv, gate_up and lm_head.
     From ``python -m pagedllm.bench.gemv --sweep`` on the H200 with PDL (2026-12-01), the
     best or within 0.1 us of it on every Qwen3-0.6B layer: qkv 3.1 us (was 5.0 with two
@@ -224,7 +229,7 @@ def gemv_config(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
     """
     k_pad = _next_pow2(k)
     if _one_tile(k, m_pad):
-        block_n = 16 if n >= 4096 else 8
+        block_n = 16 if n >= 4096 and not normed else 8
         while block_n > 1 and block_n * m_pad * k_pad > ONE_TILE_MAX_ELEMENTS:
             block_n //= 2
         return block_n, k_pad, 8 if k_pad >= 4096 and n >= 4096 else 4, 1
@@ -265,7 +270,7 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
     if m == 0:
         return out, r_out
     m_pad = _next_pow2(m)
-    block_n, block_k, warps, stages = config or gemv_config(n, k, m_pad)
+    block_n, block_k, warps, stages = config or gemv_config(n, k, m_pad, norm is not None)
     warps = GEMV_WARPS or warps
     if config is None and block_k >= k:
         block_n = BLOCK_N_BY_KIND.get(_kind(silu_mul, norm is not None), block_n)
