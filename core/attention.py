@@ -78,6 +78,12 @@ class AttentionBackend(ABC):
     def supports(cls, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
         return True
 
+    @classmethod
+    def cuda_graph_context_buckets(cls, batch_size: int) -> tuple[int, ...]:
+        """Context lengths, besides the model's, to capture decode graphs of this batch
+        size for (see the hook spec); none by default."""
+        return ()
+
     @staticmethod
     @abstractmethod
     def kv_cache_shape(

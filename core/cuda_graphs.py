@@ -12,6 +12,10 @@ there the graph also takes each row's argmax, which greedy batches sample as the
 kernel launched after the graph waits some microseconds for the graph to end).
 Larger batches run the LM head eagerly on the rows that sample, which keeps the graphs'
 memory small (every captured size keeps its outputs).
+
+A backend may name shorter context lengths for a batch size
+(``AttentionBackend.cuda_graph_context_buckets``): that size is then captured once per
+length too, and a batch replays the shortest graph its longest sequence fits.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ def batch_ladder(max_batch: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], device: torch.device,
                  max_batch: int, max_model_len: int, block_size: int,
-                 logits_max_batch: int = 8):
+                 logits_max_batch: int = 8,
+                 context_buckets: Callable[[int], tuple[int, ...]] | None = None):
         self.model = model
         self.logits_max_batch = logits_max_batch
         self.kv_caches = kv_caches
@@ -41,13 +46,18 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.table_width = -(-max_model_len // block_size)
         self.sizes = batch_ladder(max_batch)
+        # size -> the context lengths captured for it, shortest first, the model's last
+        self.lengths = {b: sorted({n for n in (context_buckets(b) if context_buckets else ())
+                                   if 0 < n < max_model_len}) + [max_model_len]
+                        for b in self.sizes}
         b = max_batch
         # The step buffer of the largest batch: every row samples and may need a fill.
         self._buffer = torch.zeros(StepLayout(b, b, b, b, self.table_width).size,
                                    dtype=torch.int32, device=device)
-        # size -> (graph, hidden states, logits of every row or None, their argmax or None)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor,
-                                      torch.Tensor | None, torch.Tensor | None]] = {}
+        # (size, context length) -> (graph, hidden states, logits of every row or None,
+        # their argmax or None)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor,
+                                                  torch.Tensor | None, torch.Tensor | None]] = {}
 
     @property
     def max_batch(self) -> int:
@@ -57,13 +67,22 @@ class DecodeGraphs:
         """The captured size a decode batch of ``num_seqs`` pads to; 0 if none fits."""
         for b in self.sizes:
             if b >= num_seqs:
-                return b if b in self._graphs else 0
+                return b if (b, self.max_model_len) in self._graphs else 0
         return 0
+
+    def context_for(self, b: int, longest: int) -> int:
+        """The captured context length a batch of size ``b`` whose longest sequence has
+        ``longest`` tokens replays: the shortest that fits."""
+        for n in self.lengths[b]:
+            if n >= longest:
+                return n
+        return self.max_model_len
 
     def buffer(self, size: int) -> torch.Tensor:
         return self._buffer[:size]
 
-    def _static_inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _static_inputs(self, b: int, length: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         w = self.table_width
         # The offsets the model runner writes a decode batch of b rows at.
         cut = StepLayout(b, b, 0, 0, w).slices()
@@ -75,8 +94,8 @@ class DecodeGraphs:
         qsl.copy_(torch.arange(b + 1, dtype=torch.int32, device=self.device))
         md = AttentionMetadata(
             slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
-            max_query_len=1, max_seq_len=self.max_model_len, query_lens_host=[1] * b,
-            seq_lens_host=[self.max_model_len] * b)
+            max_query_len=1, max_seq_len=length, query_lens_host=[1] * b,
+            seq_lens_host=[length] * b)
         return ids, pos, md
 
     def _forward(self, ids, pos, md, with_logits: bool):
@@ -91,24 +110,29 @@ class DecodeGraphs:
         """Capture every size of the ladder, largest first (later ones reuse its memory)."""
         pool = torch.cuda.graph_pool_handle()
         before = torch.cuda.memory_reserved(self.device)
-        for b in reversed(self.sizes):
-            ids, pos, md = self._static_inputs(b)
+        for b, length in [(b, n) for b in reversed(self.sizes)
+                          for n in reversed(self.lengths[b])]:
+            ids, pos, md = self._static_inputs(b, length)
             with_logits = b <= self.logits_max_batch
             self._forward(ids, pos, md, with_logits)  # compiles kernels, sets up cuBLAS
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out, logits, greedy = self._forward(ids, pos, md, with_logits)
-            self._graphs[b] = (graph, out, logits, greedy)
+            self._graphs[(b, length)] = (graph, out, logits, greedy)
         torch.cuda.synchronize(self.device)
         if log:
             extra = (torch.cuda.memory_reserved(self.device) - before) / 2**20
+            short = sorted({n for b in self.sizes for n in self.lengths[b][:-1]})
             log(f"CUDA graphs captured for decode batches {self.sizes[0]}..{self.sizes[-1]} "
-                f"({len(self.sizes)} sizes, {extra:.0f} MiB)")
+                f"({len(self.sizes)} sizes"
+                + (f", also at contexts up to {short} for small ones" if short else "")
+                + f", {extra:.0f} MiB)")
 
-    def replay(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def replay(self, b: int, length: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(hidden states [b, hidden], logits [b, vocab] and their argmax [b], both None
-        above logits_max_batch)."""
-        graph, out, logits, greedy = self._graphs[b]
+        above logits_max_batch) of the graph for ``length`` (None: the model's)."""
+        graph, out, logits, greedy = self._graphs[(b, length or self.max_model_len)]
         graph.replay()
         return out, logits, greedy

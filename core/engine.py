@@ -133,8 +133,10 @@ class LLMEngine:
                 self.attention_cls.cuda_graph_decode:
             from pagedllm.cuda_graphs import DecodeGraphs
 
-            graphs = DecodeGraphs(self.model, self.kv_caches, self.device,
-                                  min(config.max_num_seqs, 512), model_len, config.block_size)
+            graphs = DecodeGraphs(
+                self.model, self.kv_caches, self.device, min(config.max_num_seqs, 512),
+                model_len, config.block_size,
+                context_buckets=self.attention_cls.cuda_graph_context_buckets)
             graphs.capture(self.log)
         self.runner = ModelRunner(self.model, self.kv_caches, self.kv_manager, self.device,
                                   model_len, graphs)

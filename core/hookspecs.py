@@ -57,6 +57,14 @@ def register_attention_backends() -> list[type[AttentionBackend]]:
       ``slot_mapping`` -1 (write nothing), and replays them with only the tensors' contents
       changed.  A graph batch's block-table rows are wider than any table; entries past the
       step's widest table are unspecified, so a row is read only up to its sequence's length.
+    - ``cuda_graph_context_buckets(batch_size) -> tuple[int, ...]`` (classmethod, optional;
+      the base class says none): shorter context lengths for which the engine also
+      captures decode graphs of that batch size.  The graph for length L declares
+      ``max_seq_len`` L (and ``seq_lens_host`` [L] * batch), so ``forward`` may launch work
+      sized for sequences of at most L tokens; the engine replays it only for batches whose
+      longest sequence (this step's token included) fits, else the model-length graph.  A
+      backend whose best decode work differs for short contexts (the ``triton`` backend's
+      per-head kernel) names them here.
     - ``fuses_rotary(metadata) -> bool`` (optional; the base class says False): True for a
       step means the model hands ``forward`` q and k *before* the rotary embedding, plus
       ``rotary=RotaryInputs(...)`` (the step's cos/sin rows and Qwen3's q/k norms), and

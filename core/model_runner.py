@@ -33,6 +33,7 @@ class ModelInput:
     sample_requests: list[Request]
     num_tokens: int  # real tokens; ``input_ids`` may be longer (graph padding)
     graph_batch: int = 0  # > 0: replay the decode graph captured for this many rows
+    graph_context: int = 0  # ... and for sequences of at most this many tokens
 
 
 class ModelRunner:
@@ -44,6 +45,7 @@ class ModelRunner:
         self.device = device
         self.max_model_len = max_model_len
         self.graphs = graphs
+        self.last_graph: tuple[int, int] | None = None  # (batch, context) last replayed
         self.num_tokens_computed = 0  # every token the model has run, for tests and stats
         self.num_graph_steps = 0  # steps replayed from a CUDA graph
         pin = device.type == "cuda"
@@ -168,18 +170,20 @@ class ModelRunner:
         if fill_dst:
             input_ids[view["fill_dst"].long()] = prev_tokens.index_select(
                 0, view["fill_src"]).to(torch.int32)
+        # A graph batch declares the longest context its graph was captured for.
+        context = self.graphs.context_for(graph_batch, max(seq_lens_host)) if graph_batch else 0
         md = AttentionMetadata(
             slot_mapping=view["slots"],
             query_start_loc=view["qsl"],
             seq_lens=view["seq_lens"],
             block_tables=view["tables"].view(seqs_total, width),
             max_query_len=max(lens),
-            max_seq_len=self.max_model_len if graph_batch else max(seq_lens_host),
+            max_seq_len=context if graph_batch else max(seq_lens_host),
             query_lens_host=qlens_host,
-            seq_lens_host=([self.max_model_len] * graph_batch) if graph_batch else seq_lens_host,
+            seq_lens_host=([context] * graph_batch) if graph_batch else seq_lens_host,
         )
         return ModelInput(input_ids, view["positions"], md, view["sample_rows"],
-                          sample_requests, num_tokens, graph_batch)
+                          sample_requests, num_tokens, graph_batch, context)
 
     @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -187,7 +191,9 @@ class ModelRunner:
         and, where a decode graph computed them, their argmax per row (else None)."""
         logits = greedy = None
         if model_input.graph_batch:
-            hidden, logits, greedy = self.graphs.replay(model_input.graph_batch)
+            hidden, logits, greedy = self.graphs.replay(model_input.graph_batch,
+                                                        model_input.graph_context)
+            self.last_graph = (model_input.graph_batch, model_input.graph_context)
             self.num_graph_steps += 1
         else:
             hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches,

@@ -16,11 +16,16 @@ SENTINEL = 7777
 
 
 class FakeGraphs:
-    """Stands in for ``DecodeGraphs`` on CPU: every decode batch pads to ``pad_to`` rows."""
+    """Stands in for ``DecodeGraphs`` on CPU: every decode batch pads to ``pad_to`` rows, and
+    replays a graph captured for contexts up to ``short`` tokens where it fits."""
 
-    def __init__(self, pad_to: int, table_width: int):
+    def __init__(self, pad_to: int, table_width: int, short: int = 32, model_len: int = 4096):
         self.pad_to = pad_to
         self.table_width = table_width
+        self.short, self.model_len = short, model_len
+
+    def context_for(self, b: int, longest: int) -> int:
+        return self.short if longest <= self.short else self.model_len
 
     def batch_for(self, num_seqs: int) -> int:
         return self.pad_to if num_seqs <= self.pad_to else 0
@@ -77,6 +82,7 @@ def test_decode_batch_padded_to_a_graph_size(model_dir):
     engine.step()  # the prompts, in one eager step
     width = 40
     engine.runner.graphs = FakeGraphs(pad_to=8, table_width=width)
+    seen = set()
     for _ in range(6):  # decode steps; some cross a block boundary and take a new block
         sched = engine.scheduler.schedule()
         mi = engine.runner.prepare(sched)
@@ -95,11 +101,33 @@ def test_decode_batch_padded_to_a_graph_size(model_dir):
         assert md.query_start_loc.tolist() == list(range(9))
         assert mi.sample_rows.tolist() == list(range(5))
         assert md.query_lens_host == [1] * 8
+        # The graph's declared context: the short one while every sequence fits it (the
+        # 30-token prompt outgrows 32 tokens on the way), else the model's.
+        longest = max(s.request.num_computed_tokens + 1 for s in sched.scheduled)
+        context = 32 if longest <= 32 else 4096
+        assert mi.graph_context == md.max_seq_len == context
+        assert md.seq_lens_host == [context] * 8
+        seen.add(context)
         # Run the step for real (eagerly: the fake has no graphs) to move on; it schedules
         # the same batch again, nothing having changed.
         engine.runner.graphs = None
         engine.step()
         engine.runner.graphs = FakeGraphs(pad_to=8, table_width=width)
+    assert seen == {32, 4096}
+
+
+def test_graph_context_lengths_come_from_the_backend():
+    # Each batch size is captured at the model's length and at the shorter lengths the
+    # attention backend names for it; a batch replays the shortest its longest sequence
+    # fits.  (Building DecodeGraphs captures nothing: it runs on CPU.)
+    from pagedllm.cuda_graphs import DecodeGraphs
+
+    graphs = DecodeGraphs(None, [], torch.device("cpu"), 16, 4096, 16,
+                          context_buckets=lambda b: (512, 8192, 0) if b <= 2 else ())
+    assert graphs.lengths[1] == graphs.lengths[2] == [512, 4096]  # only lengths below 4096
+    assert graphs.lengths[4] == graphs.lengths[16] == [4096]
+    assert graphs.context_for(1, 1) == graphs.context_for(2, 512) == 512
+    assert graphs.context_for(1, 513) == graphs.context_for(4, 3) == 4096
 
 
 def test_mixed_prompt_and_decode_step(model_dir):

@@ -150,15 +150,17 @@ def mixed_seqs(block_size: int) -> list[tuple[int, int]]:
 
 
 # The two decode kernels: the group-tile one, and the per-query-head one-warp programs that
-# small batches use (``decode_per_head_max_batch``).
+# small batches of short contexts use (``decode_per_head_max_batch``, ``_max_len``).
 DECODE_KERNELS = {"group": dict(decode_per_head_max_batch=0),
-                  "per-head": dict(decode_per_head_max_batch=10_000)}
+                  "per-head": dict(decode_per_head_max_batch=10_000,
+                                   decode_per_head_max_len=10**9)}
 decode_kernels = pytest.mark.parametrize("kernel", list(DECODE_KERNELS))
 
 
 def split_tune(kernel: str, min_partition: int = 32) -> dict:
     """Tuning that splits every decode as far as ``min_partition`` allows, with ``kernel``."""
     return dict(DECODE_KERNELS[kernel], decode_min_partition=min_partition,
+                decode_head_min_partition=min_partition,
                 decode_programs_per_sm=10_000, decode_head_programs_per_sm=10_000)
 
 
@@ -200,7 +202,7 @@ def test_split_decode_matches_torch(decodes_first, kernel):
     be, md = check_against_torch(
         seqs, 4, 2, 16, 4, torch.float32, seed=3,
         tune=split_tune(kernel))
-    assert be._per_head(4) == (kernel == "per-head")
+    assert be._per_head(4, 151) == (kernel == "per-head")
     assert be._splits(4, 151, DEVICE) == 5  # 150 tokens: 5 partitions of 32 keys
     plan = next(iter(md.__dict__["_triton_attention_plans"].values()))
     assert (plan.decode_ids is None) == decodes_first  # dense decodes need no index map
@@ -296,7 +298,8 @@ def test_decode_only_step_applies_rotary_inside_the_decode_kernel(split, qk_norm
     seqs = [(150, 1), (0, 1), (15, 1), (16, 1), (47, 1)]
     tune = split_tune(kernel) if split else dict(DECODE_KERNELS[kernel], decode_max_splits=1)
     if split == "16-key tiles":  # partitions of 16 keys: the new token alone in some
-        tune.update(decode_block_n=16, decode_head_block_n=16, decode_min_partition=16)
+        tune.update(decode_block_n=16, decode_head_block_n=16, decode_min_partition=16,
+                    decode_head_min_partition=16)
     elif kernel == "per-head":  # tiles of 8 keys: partitions of several tiles
         tune.update(decode_head_block_n=8)
     be = check_fused_rotary(seqs, 4, 2, 16, 16, torch.float32, seed=12 + qk_norm,
@@ -512,3 +515,18 @@ def test_gpu_other_head_dims(head_dim):
     for dtype in (torch.bfloat16, torch.float32):
         check_against_torch(long_seqs(16)[:6], 16, 4, head_dim, 16, dtype, seed=head_dim,
                             device=torch.device("cuda"), reference_fp32=True)
+
+
+def test_per_head_kernel_is_for_small_batches_of_short_contexts():
+    # The rule and the graph buckets that go with it: a short-context graph is worth
+    # capturing exactly for the batch sizes that may take the per-head kernel, and at its
+    # length that kernel applies (its partitions then one tile each).
+    be = TritonAttentionBackend(16, 8, 128, 0.1)
+    cls = TritonAttentionBackend
+    small, short = cls.decode_per_head_max_batch, cls.decode_per_head_max_len
+    assert be._per_head(small, short) and be._per_head(1, 1)
+    assert not be._per_head(small + 1, short) and not be._per_head(1, short + 1)
+    assert cls.cuda_graph_context_buckets(small) == (short,)
+    assert cls.cuda_graph_context_buckets(small + 1) == ()
+    splits = be._splits(1, short, torch.device("cpu"))
+    assert -(-short // splits) <= be.decode_head_block_n

@@ -72,6 +72,9 @@ def build_engine(batch: int, table_width: int | None):
             def buffer(self, size):
                 return torch.empty(size, dtype=torch.int32)
 
+            def context_for(self, b, longest):
+                return 4096  # the model's length: no shorter graphs
+
         graphs = _Graphs()
         graphs.table_width = table_width
         runner.graphs = graphs

@@ -92,9 +92,12 @@ def _device_step(engine):
     if not b:
         return None
     model = engine.runner.model
+    # The graph the run's decode steps replayed (a short-context one where captured).
+    last = engine.runner.last_graph
+    length = last[1] if last is not None and last[0] == b else None
 
     def step():
-        hidden, logits, greedy = graphs.replay(b)
+        hidden, logits, greedy = graphs.replay(b, length)
         if logits is None:
             logits = model.compute_logits(hidden[:1])
         if greedy is None:

@@ -140,16 +140,26 @@ class TritonAttentionBackend(AttentionBackend):
     # and PAGEDLLM_DECODE_MAXNREG set them, for benchmarking.
     decode_block_n = int(os.environ.get("PAGEDLLM_DECODE_BLOCK_N", 0)) or None
     decode_maxnreg = int(os.environ.get("PAGEDLLM_DECODE_MAXNREG", 0)) or None
-    # Decode launches of at most this many sequences use ``decode_head_kernel``: one-warp
-    # programs per query head, no tl.dot, no cross-warp reductions (latency-bound small
-    # batches); larger ones the group-tile kernel, which loads each K/V tile once per group.
-    # Its keys per tile and programs per SM (it has 1-warp programs, so more fit).
-    # PAGEDLLM_DECODE_PER_HEAD_MAX_BATCH (0: never), PAGEDLLM_DECODE_HEAD_BLOCK_N and
-    # PAGEDLLM_DECODE_HEAD_PROGRAMS_PER_SM override them, for benchmarking.
+    # Decode launches of at most ``decode_per_head_max_batch`` sequences, none longer than
+    # ``decode_per_head_max_len``, use ``decode_head_kernel``: one-warp programs per query
+    # head, no tl.dot, no cross-warp reductions, for latency-bound small batches of short
+    # contexts; the rest the group-tile kernel, which loads each K/V tile once per group.
+    # On the H200 (2026-12-02): W2 Qwen3-0.6B (contexts 128-192) 0.631 ms of device time a
+    # step against 0.709 with the group kernel; but at B=1 with 4k/32k contexts (W6 shape)
+    # 37.5/220 us against 18.9/54.7, as its partitions grow to many tiles, each a DRAM round
+    # trip.  Up to 512 keys its partitions stay one tile.  CUDA graphs of small batches are
+    # captured for that length too (``cuda_graph_context_buckets``), so a short decode uses
+    # it even where the model's context is long.  Then: keys per tile, programs per SM (it
+    # has 1-warp programs) and warps.  PAGEDLLM_DECODE_PER_HEAD_MAX_BATCH (0: never),
+    # PAGEDLLM_DECODE_PER_HEAD_MAX_LEN, PAGEDLLM_DECODE_HEAD_BLOCK_N,
+    # PAGEDLLM_DECODE_HEAD_PROGRAMS_PER_SM and PAGEDLLM_DECODE_HEAD_WARPS override them, for
+    # benchmarking.
     decode_per_head_max_batch = int(os.environ.get("PAGEDLLM_DECODE_PER_HEAD_MAX_BATCH", 4))
+    decode_per_head_max_len = int(os.environ.get("PAGEDLLM_DECODE_PER_HEAD_MAX_LEN", 512))
     decode_head_block_n = int(os.environ.get("PAGEDLLM_DECODE_HEAD_BLOCK_N", 16))
     decode_head_programs_per_sm = int(os.environ.get("PAGEDLLM_DECODE_HEAD_PROGRAMS_PER_SM", 4))
     decode_head_warps = int(os.environ.get("PAGEDLLM_DECODE_HEAD_WARPS", 1))
+    decode_head_min_partition: int | None = None  # None: one tile (a test sets more)
 
     @classmethod
     def supports(cls, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -212,22 +222,35 @@ class TritonAttentionBackend(AttentionBackend):
         block_n = 64 if self.head_dim <= 128 and dtype != torch.float32 else 32
         return self.decode_block_n or block_n, warps, 2
 
-    def _per_head(self, num_decodes: int) -> bool:
-        """Whether a decode launch of ``num_decodes`` sequences uses ``decode_head_kernel``."""
-        return num_decodes <= self.decode_per_head_max_batch
+    @classmethod
+    def cuda_graph_context_buckets(cls, batch_size: int) -> tuple[int, ...]:
+        """The short-context graphs worth capturing: where ``decode_head_kernel`` applies."""
+        if batch_size <= cls.decode_per_head_max_batch and cls.decode_per_head_max_len > 0:
+            return (cls.decode_per_head_max_len,)
+        return ()
+
+    def _per_head(self, num_decodes: int, max_len: int) -> bool:
+        """Whether a decode launch of ``num_decodes`` sequences, the longest ``max_len``
+        tokens, uses ``decode_head_kernel``."""
+        return (num_decodes <= self.decode_per_head_max_batch
+                and max_len <= self.decode_per_head_max_len)
 
     def _splits(self, num_decodes: int, max_len: int, device) -> int:
         """Partitions per sequence for one decode launch (the kernel sizes each sequence's)."""
         if self._num_sms is None:
             self._num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                              if device.type == "cuda" else 4)
-        if self._per_head(num_decodes):
+        if self._per_head(num_decodes, max_len):
+            # Partitions of one tile: the kernel is latency-bound, and one-warp programs
+            # are cheap, so as many as the length allows (or programs per SM ask).
             programs, per_sm = num_decodes * self.num_heads, self.decode_head_programs_per_sm
+            min_partition = self.decode_head_min_partition or self.decode_head_block_n
+            want = max(_cdiv(per_sm * self._num_sms, programs), _cdiv(max_len, min_partition))
         else:
             programs, per_sm = num_decodes * self.num_kv_heads, self.decode_programs_per_sm
-        want = _cdiv(per_sm * self._num_sms, programs)
-        return max(1, min(want, _cdiv(max_len, self.decode_min_partition),
-                           self.decode_max_splits))
+            min_partition = self.decode_min_partition
+            want = _cdiv(per_sm * self._num_sms, programs)
+        return max(1, min(want, _cdiv(max_len, min_partition), self.decode_max_splits))
 
     def _unused_table(self, device: torch.device) -> torch.Tensor:
         """A float32 stand-in for the rotary tables of a step that passes none."""
@@ -332,7 +355,7 @@ class TritonAttentionBackend(AttentionBackend):
         q is): the kernel takes each sequence's new token from them, not from the cache,
         and with ``write_kv`` stores it in the cache too."""
         nd = plan.num_decodes
-        per_head = self._per_head(nd)
+        per_head = self._per_head(nd, plan.max_decode_len)
         block_n, warps, stages = self._decode_config(key_cache.dtype)
         splits = self._splits(nd, plan.max_decode_len, query.device)
         dense = plan.decode_ids is None
