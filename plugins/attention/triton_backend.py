@@ -391,9 +391,7 @@ class TritonAttentionBackend(AttentionBackend):
             k.decode_head_kernel[(nd, self.num_heads, splits)](
                 *args, ONE_SPLIT=splits == 1, DENSE=dense, GROUP=self.group,
                 HEAD_DIM=self.head_dim, BLOCK_SIZE=key_cache.shape[1],
-                BLOCK_N=self.decode_head_block_n,
-                COMBINE_CHUNK=min(32, max(2, _next_pow2(splits))), USE_PDL=launch["USE_PDL"],
-                launch_pdl=launch["launch_pdl"], num_warps=self.decode_head_warps,
+                BLOCK_N=self.decode_head_block_n, **launch, num_warps=self.decode_head_warps,
                 num_stages=1)
             return
         k.decode_kernel[(nd, self.num_kv_heads, splits)](

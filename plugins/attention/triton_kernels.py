@@ -342,7 +342,7 @@ def decode_head_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     ONE_SPLIT: tl.constexpr, DENSE: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    COMBINE_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """``decode_kernel`` for small batches: one program = one decode sequence x one *query*
     head x one partition, meant for one warp.  Every reduction (scores over head_dim,
@@ -444,8 +444,10 @@ def decode_head_kernel(
                 m_run = tl.max(tl.full([1], float("-inf"), tl.float32), axis=0)
                 w_sum = tl.sum(tl.zeros([1], tl.float32), axis=0)
                 comb = tl.zeros([HEAD_DIM], tl.float32)
-                for c0 in range(0, used, COMBINE_CHUNK):
-                    c = c0 + tl.arange(0, COMBINE_CHUNK)
+                # COMBINE_ROWS partitions a round, whatever the split count: a constexpr
+                # that followed it would compile a variant per count (eager steps vary it).
+                for c0 in range(0, used, COMBINE_ROWS):
+                    c = c0 + tl.arange(0, COMBINE_ROWS)
                     cok = c < used
                     cm = tl.load(part_m_ptr + row + c, mask=cok, other=float("-inf"),
                                  cache_modifier=".cg")

@@ -217,7 +217,9 @@ def gemv_config(n: int, k: int, m_pad: int, normed: bool = False
     (eight for 4096-deep slabs of wide weights): a few fat programs per SM.  Normed products
     take 8 rows since the in-model measurement (H200, W2 Qwen3-0.6B device time per step,
     2026-12-02, two calls): 0.620 and 0.621 ms against 0.629 and 0.630 with 16, where qkv
-    and gate_up (4096 and 6144 outputs, K 1024) had 16.  Llama-8B's K of 4096 (``--sweep``): 8 rows,
+    and gate_up (4096 and 6144 outputs, K 1024) had 16.  A gain within run-to-run spread:
+    the final call of that session measured 0.633 with 8 rows, and its timeline had
+    gate_up at 6.3 us against 6.0 with 16 rows in an earlier call.  Llama-8B's K of 4096 (``--sweep``): 8 rows,
     8 warps, best or within 0.5 us of it on qkv, gate_up and lm_head.
     From ``python -m pagedllm.bench.gemv --sweep`` on the H200 with PDL (2026-12-01), the
     best or within 0.1 us of it on every Qwen3-0.6B layer: qkv 3.1 us (was 5.0 with two
