@@ -103,7 +103,8 @@ class DecodeGraphs:
         if not with_logits:
             return hidden, None, None
         logits = self.model.compute_logits(hidden)
-        return hidden, logits, logits.argmax(dim=-1)
+        greedy = getattr(self.model, "greedy_ids", None)
+        return hidden, logits, (greedy(logits) if greedy else logits.argmax(dim=-1))
 
     @torch.inference_mode()
     def capture(self, log: Callable[[str], None] | None = None) -> None:

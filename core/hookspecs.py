@@ -138,7 +138,9 @@ def register_model_architectures() -> dict[str, type[nn.Module]]:
       token batch (``input_ids`` and ``positions`` are 1-D, one entry per scheduled token);
     - ``compute_logits(hidden_states) -> logits`` on the rows to be sampled, row by row
       (a decode CUDA graph of a few rows computes it for every row, padding included, and
-      keeps the sampled ones), so it must not depend on which rows it is given.
+      keeps the sampled ones), so it must not depend on which rows it is given;
+    - ``greedy_ids(logits) -> ids`` (optional; else ``logits.argmax(-1)``): each row's
+      argmax, exactly as ``torch.argmax`` gives it, for a decode graph to capture.
 
     Two plugins registering the same architecture is an error naming both.
     """

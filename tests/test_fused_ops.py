@@ -278,3 +278,21 @@ def test_normed_one_tile_products_take_eight_rows():
     assert fused_ops.gemv_config(1024, 2048, 1, normed=True) == fused_ops.gemv_config(1024, 2048, 1)
     assert fused_ops.gemv_config(4096, 14336, 1, normed=True) == \
         fused_ops.gemv_config(4096, 14336, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n", [(1, 151936), (3, 9000), (2, 4096), (2, 37)])
+def test_triton_argmax_is_torch_argmax(dtype, rows, n):
+    # Several stage-1 chunks (9000 columns: 3), one, and a short row; ties broken towards
+    # the first column (bf16 rounds many values equal), and a NaN counting as the maximum.
+    gen = torch.Generator(device=DEVICE).manual_seed(n + rows)
+    x = torch.randn(rows, n, generator=gen, device=DEVICE).to(dtype)
+    x[0, n // 2] = x[0, n - 1] = x[0].max() + 1  # a tie: the first one wins
+    if rows > 1:
+        x[1, n // 3] = float("nan")
+    got = fused_ops.argmax(x, force=True)
+    assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1))
+    assert got[0] == n // 2
+    # A view with a row stride of its own.
+    wide = torch.randn(rows, n + 5, generator=gen, device=DEVICE).to(dtype)[:, 2:n + 2]
+    assert torch.equal(fused_ops.argmax(wide, force=True), wide.argmax(dim=-1))

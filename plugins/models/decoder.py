@@ -18,8 +18,8 @@ from torch import nn
 
 from pagedllm.attention import AttentionMetadata, RotaryInputs
 
-from .fused_ops import (linear, rms_norm, rms_norm_linear, rotary, silu_and_mul, silu_mul_linear,
-                        use_fused)
+from .fused_ops import (argmax, linear, rms_norm, rms_norm_linear, rotary, silu_and_mul,
+                        silu_mul_linear, use_fused)
 from .rope import RotaryEmbedding, rope_parameters
 
 # Checkpoint projection -> (our stacked parameter, its shard index).
@@ -263,3 +263,6 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def greedy_ids(self, logits: torch.Tensor) -> torch.Tensor:
+        return argmax(logits)

@@ -234,3 +234,42 @@ def gemv_kernel(
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
     tl.store(out, acc.to(dtype), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, n, stride_x, BLOCK: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+    """Stage 1 of a row's argmax: program (row, p) writes the max of its BLOCK columns (as
+    float32) and the first column holding it.  NaN counts as the largest value, as in
+    ``torch.argmax``."""
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    cols = p * BLOCK + tl.arange(0, BLOCK)
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=float("-inf"))
+    x = x.to(tl.float32)
+    x = tl.where(x != x, float("inf"), x)  # NaN: above everything (ties with +inf: see op)
+    best = tl.max(x, axis=0)
+    first = tl.min(tl.where(x == best, cols, 2147483647), axis=0)
+    out = row * tl.num_programs(1) + p
+    tl.store(val_ptr + out, best)
+    tl.store(idx_ptr + out, first)
+
+
+@triton.jit
+def argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, parts, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    """Stage 2: each row's argmax from its ``parts`` partials (ties: the first column)."""
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, BLOCK)
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    ok = p < parts
+    v = tl.load(val_ptr + row * parts + p, mask=ok, other=float("-inf"))
+    i = tl.load(idx_ptr + row * parts + p, mask=ok, other=2147483647)
+    best = tl.max(v, axis=0)
+    tl.store(out_ptr + row, tl.min(tl.where(ok & (v == best), i, 2147483647), axis=0)
+             .to(tl.int64))
