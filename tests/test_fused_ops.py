@@ -296,3 +296,46 @@ def test_triton_argmax_is_torch_argmax(dtype, rows, n):
     # A view with a row stride of its own.
     wide = torch.randn(rows, n + 5, generator=gen, device=DEVICE).to(dtype)[:, 2:n + 2]
     assert torch.equal(fused_ops.argmax(wide, force=True), wide.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden,inter", [(48, 36), (64, 64)])
+def test_norm_mlp_is_the_unfused_mlp(dtype, hidden, inter):
+    # One launch for RMSNorm(x + r), gate/up, SiLU * up and down_proj: its float32 sum,
+    # rounded, is the unfused ops' output; it returns their residual stream; it zeroes the
+    # previous sum.  Then the next layer's norm and projection take that float32 sum as it
+    # is and give what they give for the rounded one.  (48/36: padded hidden size and a
+    # last program with masked columns.)
+    gen = torch.Generator().manual_seed(hidden + inter)
+    rand = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=gen)).to(DEVICE, dtype)  # noqa: E731
+    x, r = rand(1, hidden, scale=2.0), rand(1, hidden)
+    norm_w = (1 + 0.2 * torch.randn(hidden, generator=gen)).to(DEVICE, dtype)
+    w_gu, w_down = rand(2 * inter, hidden, scale=hidden**-0.5), rand(hidden, inter,
+                                                                   scale=inter**-0.5)
+    gate_up, stream = fused_ops.rms_norm_linear(x.cpu(), r.cpu(), norm_w.cpu(), 1e-6,
+                                                w_gu.cpu())
+    want = F.linear(fused_ops.silu_and_mul(gate_up).float(), w_down.cpu().float()).to(dtype)
+    out = torch.zeros(1, hidden, dtype=torch.float32, device=DEVICE)
+    old = torch.randn(hidden, generator=gen).to(DEVICE)
+    assert fused_ops.norm_mlp_applies(x, w_gu, w_down, force=True)
+    res = fused_ops.norm_mlp(x, r, norm_w, 1e-6, w_gu, w_down, out, old)
+    assert not old.any()
+    assert res.dtype == dtype and out.dtype == torch.float32
+    _linear_close(out.to(dtype).cpu(), want, dtype)
+    _close(res.cpu(), stream, dtype)
+    # The next layer: its norm prologue (GEMV) and the final norm take the float32 sum.
+    w_next = rand(24, hidden, scale=hidden**-0.5)
+    got, got_res = fused_ops.rms_norm_linear(out, res, norm_w, 1e-6, w_next, force=True)
+    ref, ref_res = fused_ops.rms_norm_linear(out.to(dtype), res, norm_w, 1e-6, w_next,
+                                             force=True)
+    normed, normed_res = fused_ops.rms_norm(out, norm_w, 1e-6, res, force=True)
+    ref_n, ref_nres = fused_ops.rms_norm(out.to(dtype), norm_w, 1e-6, res, force=True)
+    assert got.dtype == got_res.dtype == normed.dtype == dtype
+    # Exact where the kernel rounds as torch does (the interpreter truncates to bf16).
+    same = (lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0)) \
+        if CUDA or dtype == torch.float32 else (lambda a, b: _close(a, b, dtype))
+    for a, b in ((got, ref), (got_res, ref_res), (normed, ref_n), (normed_res, ref_nres)):
+        same(a, b)
+    # The torch path rounds a float32 sum the same way.
+    cpu_n, _ = fused_ops.rms_norm(out.cpu(), norm_w.cpu(), 1e-6, res.cpu())
+    assert cpu_n.dtype == dtype

@@ -146,3 +146,24 @@ def test_cuda_graph_logits_equal_eager(tmp_path, lengths, graph_batch):
     assert eager_greedy is None
     engine.runner.graphs = graphs
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_one_launch_mlp_keeps_the_tokens(tmp_path, monkeypatch):
+    """``PAGEDLLM_FUSED_MLP``'s one-launch MLP at batch 1 (its down_proj a float32 sum in no
+    fixed order, rounded once, as the unfused one rounds its own) gives the unfused MLP's
+    greedy tokens, bar the rare near-tie that another summation order flips."""
+    from pagedllm.plugins.models import fused_ops
+
+    build_tiny_model("qwen3", tmp_path)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([4 + 5 * i for i in range(8)],
+                                                               seed=8)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    runs = {}
+    for fused in (False, True):
+        monkeypatch.setattr(fused_ops, "FUSED_MLP", fused)
+        llm = LLM(model=str(tmp_path), device="cuda", dtype="bfloat16", num_kv_blocks=256,
+                  attention_backend="triton", max_num_seqs=1)
+        runs[fused] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                    use_tqdm=False)]
+        assert ("_mlp_sum_buffers" in llm.engine.model.__dict__) == fused
+    assert sum(a == b for a, b in zip(runs[False], runs[True])) >= 6

@@ -18,8 +18,9 @@ from torch import nn
 
 from pagedllm.attention import AttentionMetadata, RotaryInputs
 
-from .fused_ops import (argmax, linear, rms_norm, rms_norm_linear, rotary, silu_and_mul,
-                        silu_mul_linear, use_fused)
+from . import fused_ops
+from .fused_ops import (argmax, linear, norm_mlp, norm_mlp_applies, rms_norm, rms_norm_linear,
+                        rotary, silu_and_mul, silu_mul_linear, use_fused)
 from .rope import RotaryEmbedding, rope_parameters
 
 # Checkpoint projection -> (our stacked parameter, its shard index).
@@ -140,13 +141,24 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, residual, rope, kv_cache, metadata):
+    def forward(self, x, residual, rope, kv_cache, metadata, mlp_sum=None):
         """Returns (this layer's MLP output, the residual stream before it); the next norm
         adds them, so each add is fused into a norm (and at decode each norm into the
-        projection after it)."""
+        projection after it).  ``mlp_sum``: (this layer's float32 sum, the previous
+        layer's) where the one-launch MLP may run (``fused_ops.norm_mlp``): the output is
+        then that float32 sum, which the next norm rounds."""
         attn = self.self_attn
         qkv, residual = _norm_then_project(self.input_layernorm, attn.qkv_proj, x, residual)
         h = attn.attend(qkv, rope, kv_cache, metadata)
+        mlp, norm = self.mlp, self.post_attention_layernorm
+        if (mlp_sum is not None and mlp.silu and type(mlp.gate_up_proj) is Linear
+                and type(mlp.down_proj) is Linear and mlp.gate_up_proj.bias is None
+                and mlp.down_proj.bias is None
+                and norm_mlp_applies(h, mlp.gate_up_proj.weight, mlp.down_proj.weight)):
+            out, zero = mlp_sum
+            residual = norm_mlp(h, residual, norm.weight, norm.eps, mlp.gate_up_proj.weight,
+                                mlp.down_proj.weight, out, zero)
+            return out, residual
         gate_up, residual = _norm_then_project(self.post_attention_layernorm,
                                                self.mlp.gate_up_proj, h, residual)
         return self.mlp.down(gate_up), residual
@@ -257,9 +269,25 @@ class DecoderForCausalLM(nn.Module):
         # Once per step, for every layer.
         rope = self.model.rotary.cos_sin(positions, x.dtype, as_float32=use_fused(x))
         residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x, residual = layer(x, residual, rope, kv_cache, metadata)
+        sums = self._mlp_sums(x)
+        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
+            # Layer i adds into sum i and zeroes sum i - 1 (the last one, at layer 0), which
+            # the norm after it has read: every sum is zero again when its turn comes.
+            x, residual = layer(x, residual, rope, kv_cache, metadata,
+                                None if sums is None else (sums[i], sums[i - 1]))
         return self.model.norm(x, residual)[0]
+
+    def _mlp_sums(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[layers, 1, hidden] float32 sums for the one-launch MLP at one row (zeros when
+        made, kept zero between uses by the kernels), or None where it does not run."""
+        if not (fused_ops.FUSED_MLP and x.shape[0] == 1 and use_fused(x)):
+            return None
+        sums = self.__dict__.get("_mlp_sum_buffers")
+        if sums is None or sums.device != x.device:
+            sums = torch.zeros(len(self.model.layers), 1, x.shape[-1], dtype=torch.float32,
+                               device=x.device)
+            self.__dict__["_mlp_sum_buffers"] = sums  # not a module buffer: no checkpoint
+        return sums
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

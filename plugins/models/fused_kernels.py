@@ -33,6 +33,8 @@ def rms_norm_kernel(
         gdc_wait()
         gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if x_ptr.dtype.element_ty != dtype:  # a float32 sum (norm_mlp): round it as it was
+        x = x.to(dtype).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         s = (x + r).to(dtype)  # the residual stream, rounded as an unfused add rounds it
@@ -113,6 +115,8 @@ def _gemv_input(x_rows, r_rows, rk, mask, NORM_RES: tl.constexpr, dtype):
     """A [M_PAD, BLOCK_K] chunk of the product's input before any norm: x, or the residual
     stream x + residual rounded as an unfused add rounds it."""
     x = tl.load(x_rows + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+    if x_rows.dtype.element_ty != dtype:  # a float32 sum (norm_mlp): round it as it was
+        x = x.to(dtype).to(tl.float32)
     if NORM_RES:
         r = tl.load(r_rows + rk[None, :], mask=mask, other=0.0).to(tl.float32)
         x = (x + r).to(dtype).to(tl.float32)
@@ -273,3 +277,57 @@ def argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, parts, BLOCK: tl.constexpr,
     best = tl.max(v, axis=0)
     tl.store(out_ptr + row, tl.min(tl.where(ok & (v == best), i, 2147483647), axis=0)
              .to(tl.int64))
+
+
+@triton.jit
+def norm_mlp_kernel(
+    x_ptr, r_ptr, norm_w_ptr, w_gu_ptr, w_down_ptr, sum_ptr, zero_ptr, r_out_ptr,
+    H, I, stride_gu, stride_down, eps,
+    J: tl.constexpr, H_PAD: tl.constexpr, ZERO_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """A one-row decoder MLP in one launch: RMSNorm(x + r), gate/up, SiLU(gate) * up and
+    down_proj, split over the intermediate axis.  Program p takes intermediate columns
+    [p * J, (p + 1) * J): its gate and up rows of ``w_gu`` ([2I, H]) and those columns of
+    ``w_down`` ([H, I]), all requested before the PDL wait, and adds its share of the
+    down projection into ``sum`` ([H] float32, zero beforehand) with atomics.  So the sum
+    is float32 in no fixed order; its reader rounds it to the activation dtype, as the
+    unfused down_proj rounds its output.  Every other rounding is the unfused ops'.
+    Program 0 writes the residual stream x + r to ``r_out``; the programs together zero
+    ``zero`` (the previous layer's sum, read by now) for a later layer to add into."""
+    pid = tl.program_id(0)
+    dtype = r_out_ptr.dtype.element_ty
+    k = tl.arange(0, H_PAD)
+    k_ok = k < H
+    rr = tl.arange(0, 2 * J)  # rows: J gate rows, then the J up rows of the same columns
+    col = pid * J + rr % J
+    row = tl.where(rr < J, col, I + col)
+    w = tl.load(w_gu_ptr + row.to(tl.int64)[:, None] * stride_gu + k[None, :],
+                mask=(col < I)[:, None] & k_ok[None, :], other=0.0)
+    j = pid * J + tl.arange(0, J)
+    wd = tl.load(w_down_ptr + k.to(tl.int64)[:, None] * stride_down + j[None, :],
+                 mask=k_ok[:, None] & (j < I)[None, :], other=0.0)  # [H_PAD, J]
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    zk = pid * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+    tl.store(zero_ptr + zk, tl.zeros([ZERO_BLOCK], tl.float32), mask=zk < H)
+    x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    if x_ptr.dtype.element_ty != dtype:  # an earlier layer's float32 sum: round it first
+        x = x.to(dtype).to(tl.float32)
+    r = tl.load(r_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    s = (x + r).to(dtype)
+    if pid == 0:
+        tl.store(r_out_ptr + k, s, mask=k_ok)
+    s = s.to(tl.float32)
+    scale = tl.math.rsqrt(tl.sum(s * s, axis=0) / H + eps)
+    nw = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    h = (nw * (s * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    gu = tl.sum(w.to(tl.float32) * h[None, :], axis=1).to(dtype).to(tl.float32)  # [2J]
+    gu2 = tl.reshape(gu, (2, J))
+    first = (tl.arange(0, 2) == 0)[:, None]
+    g = tl.sum(tl.where(first, gu2, 0.0), axis=0)
+    u = tl.sum(tl.where(first, 0.0, gu2), axis=0)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    act = (act * u).to(dtype).to(tl.float32)  # [J]
+    part = tl.sum(wd.to(tl.float32) * act[None, :], axis=1)  # [H_PAD]
+    tl.atomic_add(sum_ptr + k, part, mask=k_ok, sem="relaxed")

@@ -60,8 +60,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``norm(x + residual)`` and the new residual ``x + residual`` (or ``norm(x)``, None).
 
-    ``x`` is [..., dim]; the norm runs over the last axis.
+    ``x`` is [..., dim]; the norm runs over the last axis.  ``x`` may be a float32 sum
+    (``norm_mlp``) beside a half-precision residual: it is rounded to the residual's dtype.
     """
+    if residual is not None and x.dtype != residual.dtype and not (force or use_fused(x)):
+        x = x.to(residual.dtype)
     if not (force or use_fused(x)):
         if residual is not None:
             x = x + residual
@@ -72,7 +75,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x2.shape, dtype=residual.dtype if residual is not None else x.dtype,
+                      device=x.device)
     rows, dim = x2.shape
     res_out = None
     r2 = x2  # unused without a residual
@@ -267,8 +271,10 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
     """(x2 @ weight^T + bias, the new residual stream when ``residual`` is given)."""
     m = x2.shape[0]
     n, k = weight.shape
-    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    r_out = torch.empty_like(x2) if residual is not None else None
+    # The weight's dtype: x2 may be a float32 sum (norm_mlp) beside a half residual.
+    out = torch.empty((m, n), dtype=weight.dtype, device=x2.device)
+    r_out = torch.empty(x2.shape, dtype=weight.dtype, device=x2.device) \
+        if residual is not None else None
     if m == 0:
         return out, r_out
     m_pad = _next_pow2(m)
@@ -327,7 +333,10 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     add are computed inside the product, one kernel instead of two."""
     k = weight.shape[1]
     x2 = x.reshape(-1, k)
-    if not (force or (k <= NORM_PROLOGUE_MAX_K and _gemv_applies(x2, weight))):
+    # A float32 x (a norm_mlp sum) goes in as it is where the GEMV takes the residual.
+    like = residual.reshape(-1, k) if residual is not None and x.dtype != residual.dtype \
+        else x2
+    if not (force or (k <= NORM_PROLOGUE_MAX_K and _gemv_applies(like, weight))):
         h, new_residual = rms_norm(x, norm_weight, eps, residual, force=force)
         return linear(h, weight, bias), (x if residual is None else new_residual)
     x2 = x2.contiguous()
@@ -368,3 +377,44 @@ def argmax(logits: torch.Tensor, force: bool = False) -> torch.Tensor:
     k.argmax_reduce_kernel[(rows,)](vals, idx, out, parts, BLOCK=_next_pow2(parts),
                                     **_pdl(x), num_warps=4)
     return out
+
+
+# ---- the whole MLP of one row in one launch --------------------------------------------------
+# RMSNorm, gate/up, SiLU and down_proj as one split-K kernel (``norm_mlp_kernel``) for decode
+# at batch 1: two kernel ends fewer a layer, and down_proj's weights stream with gate_up's.
+# Its output is a float32 sum built with atomics (so in no fixed order), which the next
+# norm rounds.  Not yet measured on a GPU, so off unless PAGEDLLM_FUSED_MLP=1.
+FUSED_MLP = os.environ.get("PAGEDLLM_FUSED_MLP", "0") == "1"
+MLP_COLUMNS = 8  # intermediate columns a program
+
+
+def norm_mlp_applies(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                     force: bool = False) -> bool:
+    """Whether ``norm_mlp`` takes this product: one row, half precision, on CUDA (or any
+    with ``force``), and a hidden size of at most 2048.  (Wider models have bandwidth-bound
+    MLPs near the floor already, and the atomics grow with hidden x intermediate / 8.)"""
+    x2 = x.reshape(-1, x.shape[-1])
+    return ((force or (FUSED_MLP and use_fused(x2) and gate_up.dtype in _GEMV_DTYPES))
+            and x2.shape[0] == 1 and gate_up.shape[0] == 2 * down.shape[1]
+            and gate_up.shape[1] == down.shape[0] == x2.shape[1] and x2.shape[1] <= 2048
+            and gate_up.stride(-1) == 1 and down.stride(-1) == 1)
+
+
+def norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+             gate_up: torch.Tensor, down: torch.Tensor, out_sum: torch.Tensor,
+             zero: torch.Tensor) -> torch.Tensor:
+    """``down(silu(g) * u)`` for ``[g | u] = gate_up(rms_norm(x + residual))``, added into
+    ``out_sum`` ([1, H] float32, zero on entry); returns the residual stream x + residual.
+    ``zero`` ([H] float32) is set to zero on the way (see ``norm_mlp_kernel``).  ``x`` may
+    be an earlier ``out_sum`` (float32): it is rounded to ``residual``'s dtype first."""
+    hidden = residual.shape[-1]
+    inter = down.shape[1]
+    x2 = x.reshape(1, hidden).contiguous()
+    r2 = residual.reshape(1, hidden).contiguous()
+    r_out = torch.empty_like(r2)
+    grid = -(-inter // MLP_COLUMNS)
+    _kernels().norm_mlp_kernel[(grid,)](
+        x2, r2, norm_weight, gate_up, down, out_sum, zero, r_out, hidden, inter,
+        gate_up.stride(0), down.stride(0), eps, J=MLP_COLUMNS, H_PAD=_next_pow2(hidden),
+        ZERO_BLOCK=_next_pow2(-(-hidden // grid)), **_pdl(r2), num_warps=4)
+    return r_out.view(residual.shape)
