@@ -48,8 +48,9 @@ COMBINE_ROWS = tl.constexpr(32)  # (head, partition) pairs per round of decode_k
 # Integer arguments that change from step to step (token counts, block-table widths,
 # split counts) are not specialized on: Triton would otherwise compile a new variant
 # whenever one crosses a multiple of 16, stalling a running engine for a second or more.
-# (Helpers are written inline rather than as nested @triton.jit functions: the interpreter
-# re-patches triton.language on every nested call, which made CI runs several times slower.)
+# (Nested @triton.jit helpers stay few and coarse: the interpreter re-patches
+# triton.language on every nested call, and many small ones made CI runs several times
+# slower.  On the GPU they are inlined: the decode kernels' PTX is the same either way.)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -131,6 +132,52 @@ def _attend_tile(q, kt, v, ok, m_i, l_i, acc, qk_scale,
     return m_new, l_i, acc
 
 
+@triton.jit
+def _decode_partition(i, seq_ids_ptr, seq_lens_ptr, query_start_ptr, DENSE: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """(sequence, its length, its token's row, partition size, this partition's first key)
+    of decode ``i`` and the program's partition (grid axis 2).
+
+    Each sequence splits its own length evenly (in whole key tiles) over the grid's
+    partitions, so the split count can be fixed ahead (a CUDA graph) for any lengths;
+    partitions past its end have nothing to do (a graph's split count suits the longest
+    possible sequence, so most do nothing)."""
+    if DENSE:
+        seq = i
+    else:
+        seq = tl.load(seq_ids_ptr + i)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tok = tl.load(query_start_ptr + seq).to(tl.int64)
+    partition_size = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    return seq, seq_len, tok, partition_size, tl.program_id(2) * partition_size
+
+
+@triton.jit
+def _new_token_kv(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, tok, kv_head, slot, d,
+                  cos, sin, k_norm_ptr, norm_eps, rope,
+                  stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
+                  BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The step's new key ([1, HEAD_DIM], rotated with ``rope``) and value ([HEAD_DIM]) of one
+    KV head, in the cache's dtype, straight from the step's key/value; stored at ``slot``
+    unless it is negative (no write_kv, graph padding, or another program's job).  No
+    store is read back, so no barrier."""
+    if rope != 0:
+        one = tl.arange(0, 1)
+        k_new = _rope_rows(key_ptr + tok * stride_kt, one * 0 + kv_head * stride_kh,
+                           one == 0, d, cos, sin, k_norm_ptr, norm_eps, rope == 2, HEAD_DIM)
+    else:
+        k_new = tl.load(key_ptr + tok * stride_kt + kv_head * stride_kh + d)[None, :]
+    k_new = k_new.to(k_cache_ptr.dtype.element_ty)
+    v_new = tl.load(value_ptr + tok * stride_vt + kv_head * stride_vh + d
+                    ).to(v_cache_ptr.dtype.element_ty)
+    if slot >= 0:
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
+            + kv_head * stride_ch + d
+        tl.store(k_cache_ptr + dst[None, :], k_new)
+        tl.store(v_cache_ptr + dst, v_new)
+    return k_new, v_new
+
+
 @triton.jit(do_not_specialize=["stride_bt", "write_kv", "rope"])
 def decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
@@ -163,18 +210,8 @@ def decode_kernel(
     # (copied in before the step's first kernel), the rotary tables (the step's first
     # kernels) and the cached keys before the new token (earlier steps).  So the first key
     # tile is on its way while the qkv projection ends.
-    if DENSE:
-        seq = i
-    else:
-        seq = tl.load(seq_ids_ptr + i)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    tok = tl.load(query_start_ptr + seq).to(tl.int64)
-    # Each sequence splits its own length evenly (in whole key tiles) over the grid's
-    # partitions, so the split count can be fixed ahead (a CUDA graph) for any lengths;
-    # partitions past its end have nothing to do (a graph's split count suits the longest
-    # possible sequence, so most do nothing).
-    partition_size = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
-    start = split * partition_size
+    seq, seq_len, tok, partition_size, start = _decode_partition(
+        i, seq_ids_ptr, seq_lens_ptr, query_start_ptr, DENSE, BLOCK_N)
     if start < seq_len:
         end = tl.minimum(start + partition_size, seq_len)
         g = tl.arange(0, GROUP_PAD)
@@ -216,22 +253,11 @@ def decode_kernel(
         if last < end:
             # The new token, straight from the step's key/value (rotated here with rope):
             # its score and value open this partition's softmax, and with write_kv it is
-            # stored in the cache for later steps; no store is read back, so no barrier.
-            if rope != 0:
-                one = tl.arange(0, 1)
-                k_new = _rope_rows(key_ptr + tok * stride_kt, one * 0 + kv_head * stride_kh,
-                                   one == 0, d, cos, sin, k_norm_ptr, norm_eps, rope == 2,
-                                   HEAD_DIM)
-            else:
-                k_new = tl.load(key_ptr + tok * stride_kt + kv_head * stride_kh + d)[None, :]
-            k_new = k_new.to(k_cache_ptr.dtype.element_ty)
-            v_new = tl.load(value_ptr + tok * stride_vt + kv_head * stride_vh + d
-                            ).to(v_cache_ptr.dtype.element_ty)
-            if slot >= 0:  # a negative slot (graph padding) writes nothing
-                dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
-                    + kv_head * stride_ch + d
-                tl.store(k_cache_ptr + dst[None, :], k_new)
-                tl.store(v_cache_ptr + dst, v_new)
+            # stored in the cache for later steps.
+            k_new, v_new = _new_token_kv(
+                key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, tok, kv_head, slot, d, cos, sin,
+                k_norm_ptr, norm_eps, rope, stride_kt, stride_kh, stride_vt, stride_vh,
+                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HEAD_DIM)
             m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * qk_scale
             l_i += 1.0
             acc += v_new.to(tl.float32)[None, :]
@@ -356,14 +382,8 @@ def decode_head_kernel(
     head = tl.program_id(1)
     split = tl.program_id(2)
     kv_head = head // GROUP
-    if DENSE:
-        seq = i
-    else:
-        seq = tl.load(seq_ids_ptr + i)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    tok = tl.load(query_start_ptr + seq).to(tl.int64)
-    partition_size = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
-    start = split * partition_size
+    seq, seq_len, tok, partition_size, start = _decode_partition(
+        i, seq_ids_ptr, seq_lens_ptr, query_start_ptr, DENSE, BLOCK_N)
     if start < seq_len:
         end = tl.minimum(start + partition_size, seq_len)
         d = tl.arange(0, HEAD_DIM)
@@ -396,20 +416,10 @@ def decode_head_kernel(
         l_i = tl.sum(tl.zeros([1], tl.float32), axis=0)
         acc = tl.zeros([1, HEAD_DIM], tl.float32)
         if last < end:
-            if rope != 0:
-                k_new = _rope_rows(key_ptr + tok * stride_kt, one * 0 + kv_head * stride_kh,
-                                   one == 0, d, cos, sin, k_norm_ptr, norm_eps, rope == 2,
-                                   HEAD_DIM)
-            else:
-                k_new = tl.load(key_ptr + tok * stride_kt + kv_head * stride_kh + d)[None, :]
-            k_new = k_new.to(k_cache_ptr.dtype.element_ty)
-            v_new = tl.load(value_ptr + tok * stride_vt + kv_head * stride_vh + d
-                            ).to(v_cache_ptr.dtype.element_ty)
-            if slot >= 0:
-                dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
-                    + kv_head * stride_ch + d
-                tl.store(k_cache_ptr + dst[None, :], k_new)
-                tl.store(v_cache_ptr + dst, v_new)
+            k_new, v_new = _new_token_kv(
+                key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, tok, kv_head, slot, d, cos, sin,
+                k_norm_ptr, norm_eps, rope, stride_kt, stride_kh, stride_vt, stride_vh,
+                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HEAD_DIM)
             m_i = tl.sum(tl.sum(q * k_new.to(tl.float32), axis=1), axis=0) * qk_scale
             l_i = l_i + 1.0
             acc += v_new.to(tl.float32)[None, :]

@@ -205,6 +205,9 @@ class DecoderForCausalLM(nn.Module):
         self.to(dtype)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # The one-launch MLP's float32 sums (``_mlp_sums``); a plain attribute, not a
+        # buffer: no checkpoint holds it.
+        self.mlp_sum_buffers: torch.Tensor | None = None
 
     def _place(self, name: str) -> torch.Tensor | None:
         """The tensor (a parameter, or a shard of a stacked one) a checkpoint name loads into."""
@@ -282,11 +285,10 @@ class DecoderForCausalLM(nn.Module):
         made, kept zero between uses by the kernels), or None where it does not run."""
         if not (fused_ops.FUSED_MLP and x.shape[0] == 1 and use_fused(x)):
             return None
-        sums = self.__dict__.get("_mlp_sum_buffers")
+        sums = self.mlp_sum_buffers
         if sums is None or sums.device != x.device:
-            sums = torch.zeros(len(self.model.layers), 1, x.shape[-1], dtype=torch.float32,
-                               device=x.device)
-            self.__dict__["_mlp_sum_buffers"] = sums  # not a module buffer: no checkpoint
+            sums = self.mlp_sum_buffers = torch.zeros(
+                len(self.model.layers), 1, x.shape[-1], dtype=torch.float32, device=x.device)
         return sums
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

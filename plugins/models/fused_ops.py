@@ -63,11 +63,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     ``x`` is [..., dim]; the norm runs over the last axis.  ``x`` may be a float32 sum
     (``norm_mlp``) beside a half-precision residual: it is rounded to the residual's dtype.
     """
-    if residual is not None and x.dtype != residual.dtype and not (force or use_fused(x)):
-        x = x.to(residual.dtype)
     if not (force or use_fused(x)):
         if residual is not None:
-            x = x + residual
+            x = x.to(residual.dtype) + residual  # a float32 x rounded first
             return rms_norm_reference(x, weight, eps), x
         return rms_norm_reference(x, weight, eps), None
     k = _kernels()
@@ -223,8 +221,8 @@ def gemv_config(n: int, k: int, m_pad: int, normed: bool = False
     2026-12-02, two calls): 0.620 and 0.621 ms against 0.629 and 0.630 with 16, where qkv
     and gate_up (4096 and 6144 outputs, K 1024) had 16.  A gain within run-to-run spread:
     the final call of that session measured 0.633 with 8 rows, and its timeline had
-    gate_up at 6.3 us against 6.0 with 16 rows in an earlier call.  Llama-8B's K of 4096 (``--sweep``): 8 rows,
-    8 warps, best or within 0.5 us of it on qkv, gate_up and lm_head.
+    gate_up at 6.3 us against 6.0 with 16 rows in an earlier call.  Llama-8B's K of 4096
+    (``--sweep``): 8 rows, 8 warps, best or within 0.5 us of it on qkv, gate_up and lm_head.
     From ``python -m pagedllm.bench.gemv --sweep`` on the H200 with PDL (2026-12-01), the
     best or within 0.1 us of it on every Qwen3-0.6B layer: qkv 3.1 us (was 5.0 with two
     rows a program), o_proj 2.2 (2.5), gate_up 4.6-4.8 (6.3), down 2.8 (4.4), lm_head 73.4
