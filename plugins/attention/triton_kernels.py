@@ -178,6 +178,21 @@ def _new_token_kv(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, tok, kv_head, sl
     return k_new, v_new
 
 
+@triton.jit
+def _last_to_finish(counter, seq_len, partition_size):
+    """Whether this program is the last of its sequence's partitions to finish (their
+    partials stored), counted on ``counter``, which the last one resets for the next step
+    (relaxed: the kernel boundary orders it).  Every thread's stores precede the barrier,
+    the barrier precedes the release-acquire increment; the combiner must read the partials
+    past L1 (.cg), which may hold lines of an earlier step."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+    last = ticket == tl.cdiv(seq_len, partition_size) - 1
+    if last:
+        tl.atomic_xchg(counter, 0, sem="relaxed")
+    return last
+
+
 @triton.jit(do_not_specialize=["stride_bt", "write_kv", "rope"])
 def decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
@@ -287,15 +302,10 @@ def decode_kernel(
             tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o,
                      mask=row_ok[:, None])
             # The last of this (sequence, KV head)'s partitions to finish combines them:
-            # no reduce kernel.  Every thread's stores precede the barrier, the barrier
-            # precedes the counter's release-acquire increment, and the combiner reads the
-            # partials past L1 (.cg), which may hold lines of an earlier step.
-            tl.debug_barrier()
+            # no reduce kernel.
             used = tl.cdiv(seq_len, partition_size)
-            counter = counter_ptr + i * tl.num_programs(1) + kv_head
-            ticket = tl.atomic_add(counter, 1, sem="acq_rel")
-            if ticket == used - 1:
-                tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next step (the kernel boundary orders it)
+            if _last_to_finish(counter_ptr + i * tl.num_programs(1) + kv_head, seq_len,
+                               partition_size):
                 # All the group's heads at once, partitions in chunks with a running max:
                 # up to COMBINE_ROWS // GROUP_P2 partitions take one round of loads.
                 CHUNK: tl.constexpr = COMBINE_ROWS // GROUP_P2
@@ -445,12 +455,9 @@ def decode_head_kernel(
             tl.store(part_m_ptr + row + split, m_i)
             tl.store(part_l_ptr + row + split, l_i)
             tl.store(part_out_ptr + (row + split) * HEAD_DIM + d[None, :], o)
-            tl.debug_barrier()
             used = tl.cdiv(seq_len, partition_size)
-            counter = counter_ptr + i * tl.num_programs(1) + head
-            ticket = tl.atomic_add(counter, 1, sem="acq_rel")
-            if ticket == used - 1:
-                tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next step (the kernel boundary orders it)
+            if _last_to_finish(counter_ptr + i * tl.num_programs(1) + head, seq_len,
+                               partition_size):
                 m_run = tl.max(tl.full([1], float("-inf"), tl.float32), axis=0)
                 w_sum = tl.sum(tl.zeros([1], tl.float32), axis=0)
                 comb = tl.zeros([HEAD_DIM], tl.float32)
