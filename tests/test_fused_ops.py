@@ -229,6 +229,30 @@ def test_triton_gemv_with_rms_norm_prologue(dtype, rows, with_residual, k, row_d
     torch.testing.assert_close(ref_res, stream.cpu(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("k", [96, 160])  # one tile; tiles (under the interpreter)
+def test_triton_gemv_gathers_embedding_rows(dtype, rows, k):
+    """With ``ids`` the input is rows of a table (the first layer's embedding): the GEMV
+    gathers them itself and returns them as the residual stream, exactly."""
+    gen = torch.Generator().manual_seed(rows + k)
+    table = torch.randn(50, k, generator=gen).to(DEVICE, dtype)
+    ids = torch.randint(0, 50, (rows,), generator=gen).to(DEVICE)
+    norm_w = (1 + 0.2 * torch.randn(k, generator=gen)).to(DEVICE, dtype)
+    w = (torch.randn(36, k, generator=gen) / k**0.5).to(DEVICE, dtype)
+    want, _ = fused_ops.rms_norm_linear(table[ids], None, norm_w, 1e-6, w, force=True)
+    got, got_rows = fused_ops.rms_norm_linear(table, None, norm_w, 1e-6, w, force=True,
+                                              ids=ids)
+    assert got.shape == (rows, 36) and got_rows.data_ptr() != table.data_ptr()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_rows, table[ids], rtol=0, atol=0)
+    # The unfused path (CPU) gathers with torch and gives the same pair.
+    ref, ref_rows = fused_ops.rms_norm_linear(table.cpu(), None, norm_w.cpu(), 1e-6, w.cpu(),
+                                              ids=ids.cpu())
+    _linear_close(ref, want.cpu(), dtype)
+    torch.testing.assert_close(ref_rows, table[ids].cpu(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rope_type", ["default", "llama3"])
 def test_rotary_table_rows_equal_the_tables_computed_per_step(dtype, rope_type):
@@ -300,7 +324,8 @@ def test_triton_argmax_is_torch_argmax(dtype, rows, n):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden,inter", [(48, 36), (64, 64)])
-def test_norm_mlp_is_the_unfused_mlp(dtype, hidden, inter):
+@pytest.mark.parametrize("down_t", [False, True], ids=["down", "down_t"])
+def test_norm_mlp_is_the_unfused_mlp(dtype, hidden, inter, down_t):
     # One launch for RMSNorm(x + r), gate/up, SiLU * up and down_proj: its float32 sum,
     # rounded, is the unfused ops' output; it returns their residual stream; it zeroes the
     # previous sum.  Then the next layer's norm and projection take that float32 sum as it
@@ -312,6 +337,9 @@ def test_norm_mlp_is_the_unfused_mlp(dtype, hidden, inter):
     norm_w = (1 + 0.2 * torch.randn(hidden, generator=gen)).to(DEVICE, dtype)
     w_gu, w_down = rand(2 * inter, hidden, scale=hidden**-0.5), rand(hidden, inter,
                                                                    scale=inter**-0.5)
+    if down_t:  # stored transposed, as the decoder lays it out under MLP_DOWN_T
+        w_down = w_down.t().contiguous().t()
+        assert w_down.stride(-1) != 1
     gate_up, stream = fused_ops.rms_norm_linear(x.cpu(), r.cpu(), norm_w.cpu(), 1e-6,
                                                 w_gu.cpu())
     want = F.linear(fused_ops.silu_and_mul(gate_up).float(), w_down.cpu().float()).to(dtype)

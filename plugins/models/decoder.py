@@ -141,14 +141,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, residual, rope, kv_cache, metadata, mlp_sum=None):
+    def forward(self, x, residual, rope, kv_cache, metadata, mlp_sum=None, ids=None):
         """Returns (this layer's MLP output, the residual stream before it); the next norm
         adds them, so each add is fused into a norm (and at decode each norm into the
         projection after it).  ``mlp_sum``: (this layer's float32 sum, the previous
         layer's) where the one-launch MLP may run (``fused_ops.norm_mlp``): the output is
-        then that float32 sum, which the next norm rounds."""
+        then that float32 sum, which the next norm rounds.  ``ids`` (the first layer): x is
+        the embedding table and the input its rows ``ids``, gathered inside the first
+        projection where it can (``fused_ops.rms_norm_linear``)."""
         attn = self.self_attn
-        qkv, residual = _norm_then_project(self.input_layernorm, attn.qkv_proj, x, residual)
+        qkv, residual = _norm_then_project(self.input_layernorm, attn.qkv_proj, x, residual,
+                                           ids)
         h = attn.attend(qkv, rope, kv_cache, metadata)
         mlp, norm = self.mlp, self.post_attention_layernorm
         if (mlp_sum is not None and mlp.silu and type(mlp.gate_up_proj) is Linear
@@ -164,10 +167,14 @@ class DecoderLayer(nn.Module):
         return self.mlp.down(gate_up), residual
 
 
-def _norm_then_project(norm: RMSNorm, proj: nn.Module, x, residual):
-    """(proj(norm(x + residual)), x + residual), with x alone when residual is None."""
+def _norm_then_project(norm: RMSNorm, proj: nn.Module, x, residual, ids=None):
+    """(proj(norm(x + residual)), x + residual), with x alone when residual is None; with
+    ``ids``, x is the embedding table and its rows ``ids`` stand for x."""
     if type(proj) is Linear:  # not replaced by a quantization method: one fused op
-        return rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias)
+        return rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias,
+                               ids=ids)
+    if ids is not None:
+        x = F.embedding(ids, x)
     if residual is None:
         return proj(norm(x)), x
     h, residual = norm(x, residual)
@@ -205,6 +212,12 @@ class DecoderForCausalLM(nn.Module):
         self.to(dtype)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if fused_ops.FUSED_MLP and fused_ops.MLP_DOWN_T and device.type == "cuda":
+            # down_proj stored transposed for the one-launch MLP (``fused_ops.MLP_DOWN_T``);
+            # loading copies into it in place, and F.linear takes either layout.
+            for layer in self.model.layers:
+                weight = layer.mlp.down_proj.weight
+                weight.data = weight.data.t().contiguous().t()
         # The one-launch MLP's float32 sums (``_mlp_sums``); a plain attribute, not a
         # buffer: no checkpoint holds it.
         self.mlp_sum_buffers: torch.Tensor | None = None
@@ -268,22 +281,24 @@ class DecoderForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
     def forward(self, input_ids, positions, kv_caches, metadata: AttentionMetadata):
-        x = self.model.embed_tokens(input_ids)
+        # The first layer gathers its input rows from the table itself.
+        x = table = self.model.embed_tokens.weight
         # Once per step, for every layer.
         rope = self.model.rotary.cos_sin(positions, x.dtype, as_float32=use_fused(x))
         residual = None
-        sums = self._mlp_sums(x)
+        sums = self._mlp_sums(table, input_ids.shape[0])
         for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
             # Layer i adds into sum i and zeroes sum i - 1 (the last one, at layer 0), which
             # the norm after it has read: every sum is zero again when its turn comes.
             x, residual = layer(x, residual, rope, kv_cache, metadata,
-                                None if sums is None else (sums[i], sums[i - 1]))
+                                None if sums is None else (sums[i], sums[i - 1]),
+                                ids=input_ids if i == 0 else None)
         return self.model.norm(x, residual)[0]
 
-    def _mlp_sums(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _mlp_sums(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
         """[layers, 1, hidden] float32 sums for the one-launch MLP at one row (zeros when
         made, kept zero between uses by the kernels), or None where it does not run."""
-        if not (fused_ops.FUSED_MLP and x.shape[0] == 1 and use_fused(x)):
+        if not (fused_ops.FUSED_MLP and rows == 1 and use_fused(x)):
             return None
         sums = self.mlp_sum_buffers
         if sums is None or sums.device != x.device:

@@ -155,11 +155,11 @@ def _gemv_dot(x, w, M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DOT: tl.cons
 @triton.jit
 def gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    norm_w_ptr, r_ptr, r_out_ptr, stride_rm, eps,
+    norm_w_ptr, r_ptr, r_out_ptr, stride_rm, eps, ids_ptr,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
     NORM_RES: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr, ROW_DOT: tl.constexpr = False,
+    USE_PDL: tl.constexpr, ROW_DOT: tl.constexpr = False, GATHER: tl.constexpr = False,
 ):
     """out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for a few rows M: each program streams
     BLOCK_N rows of the weight once and serves every row of x with them.
@@ -175,6 +175,12 @@ def gemv_kernel(
     (the residual stream).  Every program computes the row's variance itself (from the one
     tile, or in a first pass over x, a few KiB from L2): cheaper than a kernel of its own
     at decode.
+
+    GATHER (NORM, not NORM_RES): x is a table (the token embedding) and row m of
+    the input is its row ``ids[m]``; program 0 writes those rows to r_out (the residual
+    stream starts there).  The ids come from the step's host copy and the table is a
+    weight, so in one tile both are read before the PDL wait: the gather costs no kernel
+    and no time.
     """
     pid = tl.program_id(0)
     dtype = out_ptr.dtype.element_ty
@@ -190,15 +196,24 @@ def gemv_kernel(
         w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None], other=0.0)
     else:
         w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
+    if GATHER:
+        ids = tl.load(ids_ptr + rm, mask=m_mask, other=0).to(tl.int64)
+        x_rows = x_ptr + ids[:, None] * stride_xm
+        if ONE_TILE:
+            x_gathered = _gemv_input(x_rows, r_rows, rk, m_mask[:, None] & (rk < K)[None, :],
+                                     False, dtype)
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
     if ONE_TILE:
         x_mask = m_mask[:, None] & (rk < K)[None, :]
-        x = _gemv_input(x_rows, r_rows, rk, x_mask, NORM_RES, dtype)
+        if GATHER:
+            x = x_gathered
+        else:
+            x = _gemv_input(x_rows, r_rows, rk, x_mask, NORM_RES, dtype)
         scale = 1.0
         if NORM:
-            if NORM_RES:
+            if NORM_RES or GATHER:
                 if pid == 0:
                     r_out = r_out_ptr + rm.to(tl.int64)[:, None] * stride_rm + rk[None, :]
                     tl.store(r_out, x.to(dtype), mask=x_mask)
@@ -213,7 +228,7 @@ def gemv_kernel(
                 rk = k0 + tl.arange(0, BLOCK_K)
                 mask = m_mask[:, None] & (rk < K)[None, :]
                 x = _gemv_input(x_rows, r_rows, rk, mask, NORM_RES, dtype)
-                if NORM_RES:
+                if NORM_RES or GATHER:
                     if pid == 0:
                         r_out = r_out_ptr + rm.to(tl.int64)[:, None] * stride_rm + rk[None, :]
                         tl.store(r_out, x.to(dtype), mask=mask)
@@ -284,6 +299,7 @@ def norm_mlp_kernel(
     x_ptr, r_ptr, norm_w_ptr, w_gu_ptr, w_down_ptr, sum_ptr, zero_ptr, r_out_ptr,
     H, I, stride_gu, stride_down, eps,
     J: tl.constexpr, H_PAD: tl.constexpr, ZERO_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+    DOWN_T: tl.constexpr = False,
 ):
     """A one-row decoder MLP in one launch: RMSNorm(x + r), gate/up, SiLU(gate) * up and
     down_proj, split over the intermediate axis.  Program p takes intermediate columns
@@ -293,7 +309,9 @@ def norm_mlp_kernel(
     is float32 in no fixed order; its reader rounds it to the activation dtype, as the
     unfused down_proj rounds its output.  Every other rounding is the unfused ops'.
     Program 0 writes the residual stream x + r to ``r_out``; the programs together zero
-    ``zero`` (the previous layer's sum, read by now) for a later layer to add into."""
+    ``zero`` (the previous layer's sum, read by now) for a later layer to add into.
+    DOWN_T: ``w_down`` is stored transposed ([I, H] rows, ``stride_down`` apart), so a
+    program's J columns are J contiguous rows rather than 16 bytes from each of H rows."""
     pid = tl.program_id(0)
     dtype = r_out_ptr.dtype.element_ty
     k = tl.arange(0, H_PAD)
@@ -304,8 +322,12 @@ def norm_mlp_kernel(
     w = tl.load(w_gu_ptr + row.to(tl.int64)[:, None] * stride_gu + k[None, :],
                 mask=(col < I)[:, None] & k_ok[None, :], other=0.0)
     j = pid * J + tl.arange(0, J)
-    wd = tl.load(w_down_ptr + k.to(tl.int64)[:, None] * stride_down + j[None, :],
-                 mask=k_ok[:, None] & (j < I)[None, :], other=0.0)  # [H_PAD, J]
+    if DOWN_T:
+        wd = tl.load(w_down_ptr + j.to(tl.int64)[:, None] * stride_down + k[None, :],
+                     mask=(j < I)[:, None] & k_ok[None, :], other=0.0)  # [J, H_PAD]
+    else:
+        wd = tl.load(w_down_ptr + k.to(tl.int64)[:, None] * stride_down + j[None, :],
+                     mask=k_ok[:, None] & (j < I)[None, :], other=0.0)  # [H_PAD, J]
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -329,5 +351,8 @@ def norm_mlp_kernel(
     u = tl.sum(tl.where(first, 0.0, gu2), axis=0)
     act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
     act = (act * u).to(dtype).to(tl.float32)  # [J]
-    part = tl.sum(wd.to(tl.float32) * act[None, :], axis=1)  # [H_PAD]
+    if DOWN_T:
+        part = tl.sum(wd.to(tl.float32) * act[:, None], axis=0)  # [H_PAD]
+    else:
+        part = tl.sum(wd.to(tl.float32) * act[None, :], axis=1)  # [H_PAD]
     tl.atomic_add(sum_ptr + k, part, mask=k_ok, sem="relaxed")

@@ -264,15 +264,16 @@ def _gemv_applies(x2: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
           interpreted: bool, config: tuple[int, int, int, int] | None = None,
-          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(x2 @ weight^T + bias, the new residual stream when ``residual`` is given)."""
-    m = x2.shape[0]
+          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
+          ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x2 @ weight^T + bias, the new residual stream when ``residual`` is given, or the
+    gathered rows ``x2[ids]`` when ``ids`` is: then x2 is a table, see the kernel's GATHER)."""
+    m = x2.shape[0] if ids is None else ids.shape[0]
     n, k = weight.shape
     # The weight's dtype: x2 may be a float32 sum (norm_mlp) beside a half residual.
     out = torch.empty((m, n), dtype=weight.dtype, device=x2.device)
-    r_out = torch.empty(x2.shape, dtype=weight.dtype, device=x2.device) \
-        if residual is not None else None
+    r_out = torch.empty((m, k), dtype=weight.dtype, device=x2.device) \
+        if residual is not None or ids is not None else None
     if m == 0:
         return out, r_out
     m_pad = _next_pow2(m)
@@ -288,7 +289,7 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
         x2, weight, bias if bias is not None else weight, out, m, n, k,
         x2.stride(0), weight.stride(0), out.stride(0),
         norm_w, r, r_out if r_out is not None else out, r.stride(0), eps,
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None,
+        ids if ids is not None else x2, GATHER=ids is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None,
         NORM_RES=residual is not None, EVEN_K=k % block_k == 0, ONE_TILE=block_k >= k,
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(x2), num_warps=warps,
         num_stages=stages, ROW_DOT=_row_dot(m_pad, warps, silu_mul, norm is not None),
@@ -325,11 +326,25 @@ def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
 
 def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                     eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    force: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    force: bool = False, ids: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.linear(rms_norm(x + residual), weight, bias)`` and the new residual stream
     ``x + residual`` (x itself when ``residual`` is None).  On the GEMV path the norm and the
-    add are computed inside the product, one kernel instead of two."""
+    add are computed inside the product, one kernel instead of two.
+
+    ``ids`` (1-D, with ``residual`` None): ``x`` is an embedding table and the input its
+    rows ``x[ids]``; at one row the GEMV gathers them itself (no gather kernel), and the
+    rows are returned as the residual stream."""
     k = weight.shape[1]
+    if ids is not None:
+        if not (residual is None and ids.dim() == 1 and k <= NORM_PROLOGUE_MAX_K
+                and (force or (ids.shape[0] <= GEMV_MAX_ROWS and _one_tile(k, 1)
+                               and _gemv_applies(x[:1], weight)))):
+            return rms_norm_linear(F.embedding(ids, x), None, norm_weight, eps, weight, bias,
+                                   force)
+        out, rows = _gemv(x.contiguous(), weight, bias, False, force and not x.is_cuda,
+                          norm=(norm_weight, eps), ids=ids.contiguous())
+        return out, rows
     x2 = x.reshape(-1, k)
     # A float32 x (a norm_mlp sum) goes in as it is where the GEMV takes the residual.
     like = residual.reshape(-1, k) if residual is not None and x.dtype != residual.dtype \
@@ -383,19 +398,27 @@ def argmax(logits: torch.Tensor, force: bool = False) -> torch.Tensor:
 # Its output is a float32 sum built with atomics (so in no fixed order), which the next
 # norm rounds.  Not yet measured on a GPU, so off unless PAGEDLLM_FUSED_MLP=1.
 FUSED_MLP = os.environ.get("PAGEDLLM_FUSED_MLP", "0") == "1"
-MLP_COLUMNS = 8  # intermediate columns a program
+# Intermediate columns and warps a program; PAGEDLLM_FUSED_MLP_COLUMNS and
+# PAGEDLLM_FUSED_MLP_WARPS set them, for benchmarking.
+MLP_COLUMNS = int(os.environ.get("PAGEDLLM_FUSED_MLP_COLUMNS", 8))
+MLP_WARPS = int(os.environ.get("PAGEDLLM_FUSED_MLP_WARPS", 4))
+# down_proj's weight stored transposed (``DecoderForCausalLM`` lays it out so on CUDA), so
+# that each program reads whole rows of it; PAGEDLLM_FUSED_MLP_DOWN_T=1, for benchmarking.
+MLP_DOWN_T = os.environ.get("PAGEDLLM_FUSED_MLP_DOWN_T", "0") == "1"
 
 
 def norm_mlp_applies(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                      force: bool = False) -> bool:
     """Whether ``norm_mlp`` takes this product: one row, half precision, on CUDA (or any
     with ``force``), and a hidden size of at most 2048.  (Wider models have bandwidth-bound
-    MLPs near the floor already, and the atomics grow with hidden x intermediate / 8.)"""
+    MLPs near the floor already, and the atomics grow with hidden x intermediate / 8.)
+    ``down`` ([H, I]) may be stored row-major or transposed (the ``.t()`` of a contiguous
+    [I, H] tensor, see ``MLP_DOWN_T``)."""
     x2 = x.reshape(-1, x.shape[-1])
     return ((force or (FUSED_MLP and use_fused(x2) and gate_up.dtype in _GEMV_DTYPES))
             and x2.shape[0] == 1 and gate_up.shape[0] == 2 * down.shape[1]
             and gate_up.shape[1] == down.shape[0] == x2.shape[1] and x2.shape[1] <= 2048
-            and gate_up.stride(-1) == 1 and down.stride(-1) == 1)
+            and gate_up.stride(-1) == 1 and (down.stride(-1) == 1 or down.stride(0) == 1))
 
 
 def norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -411,8 +434,10 @@ def norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
     r2 = residual.reshape(1, hidden).contiguous()
     r_out = torch.empty_like(r2)
     grid = -(-inter // MLP_COLUMNS)
+    down_t = down.stride(-1) != 1  # stored transposed: rows of [I, H], down.stride(1) apart
     _kernels().norm_mlp_kernel[(grid,)](
         x2, r2, norm_weight, gate_up, down, out_sum, zero, r_out, hidden, inter,
-        gate_up.stride(0), down.stride(0), eps, J=MLP_COLUMNS, H_PAD=_next_pow2(hidden),
-        ZERO_BLOCK=_next_pow2(-(-hidden // grid)), **_pdl(r2), num_warps=4)
+        gate_up.stride(0), down.stride(1 if down_t else 0), eps, J=MLP_COLUMNS,
+        H_PAD=_next_pow2(hidden), DOWN_T=down_t,
+        ZERO_BLOCK=_next_pow2(-(-hidden // grid)), **_pdl(r2), num_warps=MLP_WARPS)
     return r_out.view(residual.shape)
