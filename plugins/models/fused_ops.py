@@ -170,6 +170,9 @@ GEMV_MAX_WEIGHT_ELEMENTS = int(float(os.environ.get("PAGEDLLM_GEMV_MAX_WEIGHT_EL
 # PAGEDLLM_NORM_PROLOGUE_MAX_K overrides it.
 NORM_PROLOGUE_MAX_K = int(os.environ.get("PAGEDLLM_NORM_PROLOGUE_MAX_K", 4096))
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
+# The first layer's GEMV gathers its embedding rows (``rms_norm_linear``'s ``ids``);
+# PAGEDLLM_GEMV_GATHER=0 gathers with torch first, for benchmarking.
+GEMV_GATHER = os.environ.get("PAGEDLLM_GEMV_GATHER", "1") == "1"
 
 
 # A program's weight slab up to this many elements is one tile (``ONE_TILE``): all of it is
@@ -337,14 +340,13 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     rows are returned as the residual stream."""
     k = weight.shape[1]
     if ids is not None:
+        gathers = GEMV_GATHER and ids.shape[0] <= GEMV_MAX_ROWS and _one_tile(k, 1)
         if not (residual is None and ids.dim() == 1 and k <= NORM_PROLOGUE_MAX_K
-                and (force or (ids.shape[0] <= GEMV_MAX_ROWS and _one_tile(k, 1)
-                               and _gemv_applies(x[:1], weight)))):
+                and (force or (gathers and _gemv_applies(x[:1], weight)))):
             return rms_norm_linear(F.embedding(ids, x), None, norm_weight, eps, weight, bias,
                                    force)
-        out, rows = _gemv(x.contiguous(), weight, bias, False, force and not x.is_cuda,
-                          norm=(norm_weight, eps), ids=ids.contiguous())
-        return out, rows
+        return _gemv(x.contiguous(), weight, bias, False, force and not x.is_cuda,
+                     norm=(norm_weight, eps), ids=ids.contiguous())
     x2 = x.reshape(-1, k)
     # A float32 x (a norm_mlp sum) goes in as it is where the GEMV takes the residual.
     like = residual.reshape(-1, k) if residual is not None and x.dtype != residual.dtype \
