@@ -47,6 +47,11 @@ class RotaryInputs:
     rotation is ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``, each
     product and the sum rounded to the activation dtype.  With ``q_norm``/``k_norm``
     (Qwen3), each head is first RMS-normalised over head_dim (``eps``) and scaled by them.
+
+    ``by_position`` (only for a backend whose ``rotary_by_position`` is True): ``cos`` and
+    ``sin`` are whole tables over positions, [max_positions, head_dim], and token t's row
+    is its position, ``seq_lens[t] - 1`` (``fuses_rotary`` steps are decode steps), so the
+    model gathers no rows a step.
     """
 
     cos: torch.Tensor
@@ -54,6 +59,7 @@ class RotaryInputs:
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     eps: float = 0.0
+    by_position: bool = False
 
 
 class AttentionBackend(ABC):
@@ -63,6 +69,7 @@ class AttentionBackend(ABC):
     priority: int = 0
     block_dim: int = 1  # which axis of the layer's cache tensor indexes blocks
     cuda_graph_decode: bool = False  # decode-only forwards may be captured (see the hook spec)
+    rotary_by_position: bool = False  # takes RotaryInputs.by_position tables (the hook spec)
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         if num_heads % num_kv_heads:

@@ -72,6 +72,11 @@ def register_attention_backends() -> list[type[AttentionBackend]]:
       the keys it caches.  It lets a backend fold the rotation into its own kernels (the
       ``triton`` backend does at decode: one launch a layer fewer).  The answer may depend
       on the step's layout but, under ``cuda_graph_decode``, not on the device tensors.
+    - ``rotary_by_position`` (class attribute, default False): True lets the model pass
+      ``RotaryInputs(by_position=True)`` in ``fuses_rotary`` steps: whole cos/sin tables
+      over positions, token t's row being its position ``seq_lens[t] - 1``, instead of the
+      step's rows (one gather kernel a step fewer).  Such a backend's ``fuses_rotary``
+      says True only for decode steps (one query token a row), where that holds.
 
     Every backend must pass ``tests/test_attention_conformance.py`` against the ``torch``
     reference backend.

@@ -237,7 +237,8 @@ def test_decode_only_step_writes_kv_inside_the_decode_kernel(split, kernel):
 
 
 def check_fused_rotary(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed,
-                       qk_norm: bool, tune=None, device=DEVICE, repeats=2):
+                       qk_norm: bool, tune=None, device=DEVICE, repeats=2,
+                       by_position: bool = False):
     """A decode-only step given unrotated q/k and ``rotary=``: the output and cache equal
     rotating first (the model's own rotary op, torch path) and then the torch backend.
     The same backend runs the step ``repeats`` times on fresh caches, so a combine counter
@@ -273,9 +274,14 @@ def check_fused_rotary(seqs, num_heads, num_kv_heads, head_dim, block_size, dtyp
     for name, value in (tune or {}).items():
         setattr(be, name, value)
     assert be.fuses_rotary(md)
-    cos, sin = rope.cos_sin(positions, dtype, as_float32=True)
-    fused = RotaryInputs(cos.reshape(len(seqs), -1), sin.reshape(len(seqs), -1),
-                         *(norm or (None, None, 0.0)))
+    if by_position:  # whole tables: the kernel finds each token's row from seq_lens
+        assert be.rotary_by_position
+        cos, sin = rope.tables(positions.device, dtype)
+        assert cos.shape == (int(positions.max()) + 1, head_dim)
+    else:
+        cos, sin = rope.cos_sin(positions, dtype, as_float32=True)
+        cos, sin = cos.reshape(len(seqs), -1), sin.reshape(len(seqs), -1)
+    fused = RotaryInputs(cos, sin, *(norm or (None, None, 0.0)), by_position=by_position)
     for _ in range(repeats):
         got_cache = cache.clone()
         got = be.forward(q.clone(), k.clone(), v, got_cache, md, rotary=fused)
@@ -294,7 +300,9 @@ def check_fused_rotary(seqs, num_heads, num_kv_heads, head_dim, block_size, dtyp
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "rope+qk-norm"])
 @pytest.mark.parametrize("split", [False, True, "16-key tiles"],
                          ids=["one-partition", "split", "split-16-keys"])
-def test_decode_only_step_applies_rotary_inside_the_decode_kernel(split, qk_norm, kernel):
+@pytest.mark.parametrize("by_position", [False, True], ids=["rows", "tables"])
+def test_decode_only_step_applies_rotary_inside_the_decode_kernel(split, qk_norm, kernel,
+                                                                  by_position):
     seqs = [(150, 1), (0, 1), (15, 1), (16, 1), (47, 1)]
     tune = split_tune(kernel) if split else dict(DECODE_KERNELS[kernel], decode_max_splits=1)
     if split == "16-key tiles":  # partitions of 16 keys: the new token alone in some
@@ -303,7 +311,7 @@ def test_decode_only_step_applies_rotary_inside_the_decode_kernel(split, qk_norm
     elif kernel == "per-head":  # tiles of 8 keys: partitions of several tiles
         tune.update(decode_head_block_n=8)
     be = check_fused_rotary(seqs, 4, 2, 16, 16, torch.float32, seed=12 + qk_norm,
-                            qk_norm=qk_norm, tune=tune)
+                            qk_norm=qk_norm, tune=tune, by_position=by_position)
     assert (be._splits(len(seqs), 151, DEVICE) > 1) == bool(split)
 
 
@@ -497,14 +505,16 @@ def test_gpu_split_decode_matches_torch(batch, kernel):
 @decode_kernels
 @pytest.mark.parametrize("batch", [1, 5, 64])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "rope+qk-norm"])
-def test_gpu_fused_rotary_decode_matches_torch(batch, qk_norm, kernel):
+@pytest.mark.parametrize("by_position", [False, True], ids=["rows", "tables"])
+def test_gpu_fused_rotary_decode_matches_torch(batch, qk_norm, kernel, by_position):
     # Real shapes (Qwen3-0.6B's 16/8 heads of 128), lengths from 1 to 4k, the split
     # counts the backend picks (66 at batch 1 on an H200), and several steps on one
     # backend: the combine counters must come back to zero every time.
     rng = random.Random(batch)
     seqs = [(rng.choice([0, 1, 63, 64, 200, rng.randrange(4096)]), 1) for _ in range(batch)]
     check_fused_rotary(seqs, 16, 8, 128, 16, torch.bfloat16, seed=batch, qk_norm=qk_norm,
-                       device=torch.device("cuda"), repeats=4, tune=DECODE_KERNELS[kernel])
+                       device=torch.device("cuda"), repeats=4, tune=DECODE_KERNELS[kernel],
+                       by_position=by_position)
 
 
 @pytest.mark.gpu

@@ -280,6 +280,11 @@ class TritonAttentionBackend(AttentionBackend):
 
     # ---- forward -----------------------------------------------------------------------
 
+    # Decode tokens sit at position seq_len - 1: the kernels read cos/sin rows from whole
+    # tables themselves (RotaryInputs.by_position), so the model gathers none a step.
+    # PAGEDLLM_ROTARY_TABLES=0 has the model gather rows instead, for benchmarking.
+    rotary_by_position = os.environ.get("PAGEDLLM_ROTARY_TABLES", "1") == "1"
+
     def fuses_rotary(self, metadata: AttentionMetadata) -> bool:
         """Decode-only steps (rows in batch order, CUDA-graph steps among them): the decode
         kernel rotates q and the new key itself."""
@@ -384,7 +389,8 @@ class TritonAttentionBackend(AttentionBackend):
             query, key_cache, value_cache, out, part_o, part_m, part_l, counters,
             md.block_tables, md.seq_lens, md.query_start_loc, ids,
             key, value, md.slot_mapping, int(write_kv),
-            0 if rotary is None else (2 if rotary.q_norm is not None else 1), *rope,
+            0 if rotary is None else ((2 if rotary.q_norm is not None else 1)
+                                      + (4 if rotary.by_position else 0)), *rope,
             self.scale, *strides,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1))
         if per_head:

@@ -153,6 +153,18 @@ def _decode_partition(i, seq_ids_ptr, seq_lens_ptr, query_start_ptr, DENSE: tl.c
 
 
 @triton.jit
+def _rope_cos_sin(cos_ptr, sin_ptr, rope, tok, seq_len, stride_ct, d):
+    """The decode token's cos and sin rows ([1, HEAD_DIM] float32; nothing read without
+    rotary): row ``tok`` of per-token tables, or with ``rope & 4`` (``RotaryInputs
+    .by_position``) row ``seq_len - 1``, its position, of tables over positions."""
+    row = tl.where((rope & 4) != 0, seq_len - 1, tok).to(tl.int64)
+    has_rope = (d * 0 + rope) != 0  # masks that read nothing without rotary
+    cos = tl.load(cos_ptr + row * stride_ct + d, mask=has_rope, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + row * stride_ct + d, mask=has_rope, other=0.0)[None, :]
+    return cos, sin
+
+
+@triton.jit
 def _new_token_kv(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, tok, kv_head, slot, d,
                   cos, sin, k_norm_ptr, norm_eps, rope,
                   stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
@@ -164,7 +176,7 @@ def _new_token_kv(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, tok, kv_head, sl
     if rope != 0:
         one = tl.arange(0, 1)
         k_new = _rope_rows(key_ptr + tok * stride_kt, one * 0 + kv_head * stride_kh,
-                           one == 0, d, cos, sin, k_norm_ptr, norm_eps, rope == 2, HEAD_DIM)
+                           one == 0, d, cos, sin, k_norm_ptr, norm_eps, (rope & 3) == 2, HEAD_DIM)
     else:
         k_new = tl.load(key_ptr + tok * stride_kt + kv_head * stride_kh + d)[None, :]
     k_new = k_new.to(k_cache_ptr.dtype.element_ty)
@@ -205,7 +217,8 @@ def decode_kernel(
     write_kv,
     # 1: q and k arrive unrotated (RotaryInputs): rotate them here; 2: with q/k norms.
     # Runtime values, not constexprs, for the reason write_kv is one: mixed steps (rope 0)
-    # and decode-only ones (rope 1 or 2) then share one compiled variant.
+    # and decode-only ones (rope 1 or 2) then share one compiled variant.  + 4: cos/sin
+    # are tables over positions (RotaryInputs.by_position), see _rope_cos_sin.
     rope,
     cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, norm_eps, stride_ct,  # rope only
     scale,
@@ -233,9 +246,7 @@ def decode_kernel(
         d = tl.arange(0, HEAD_DIM)
         heads = kv_head * GROUP + g
         row_ok = g < GROUP
-        has_rope = (d * 0 + rope) != 0  # masks that read nothing without rotary
-        cos = tl.load(cos_ptr + tok * stride_ct + d, mask=has_rope, other=0.0)[None, :]
-        sin = tl.load(sin_ptr + tok * stride_ct + d, mask=has_rope, other=0.0)[None, :]
+        cos, sin = _rope_cos_sin(cos_ptr, sin_ptr, rope, tok, seq_len, stride_ct, d)
         last = seq_len - 1  # the step's new token; this partition holds it if last < end
         slot = tl.load(slot_ptr + tok, mask=(write_kv != 0) & (last < end), other=-1
                        ).to(tl.int64)
@@ -253,7 +264,7 @@ def decode_kernel(
             gdc_launch_dependents()
         if rope != 0:
             q = _rope_rows(q_ptr + tok * stride_qt, heads * stride_qh, row_ok, d, cos, sin,
-                           q_norm_ptr, norm_eps, rope == 2, HEAD_DIM)
+                           q_norm_ptr, norm_eps, (rope & 3) == 2, HEAD_DIM)
         else:
             q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
                         mask=row_ok[:, None], other=0.0)
@@ -398,9 +409,7 @@ def decode_head_kernel(
         end = tl.minimum(start + partition_size, seq_len)
         d = tl.arange(0, HEAD_DIM)
         one = tl.arange(0, 1)
-        has_rope = (d * 0 + rope) != 0
-        cos = tl.load(cos_ptr + tok * stride_ct + d, mask=has_rope, other=0.0)[None, :]
-        sin = tl.load(sin_ptr + tok * stride_ct + d, mask=has_rope, other=0.0)[None, :]
+        cos, sin = _rope_cos_sin(cos_ptr, sin_ptr, rope, tok, seq_len, stride_ct, d)
         last = seq_len - 1
         # Only the group's first head stores the new token's K/V (all of them compute it).
         slot = tl.load(slot_ptr + tok, mask=(write_kv != 0) & (last < end)
@@ -416,7 +425,7 @@ def decode_head_kernel(
         q_row = q_ptr + tok * stride_qt
         if rope != 0:
             q = _rope_rows(q_row, one * 0 + head * stride_qh, one == 0, d, cos, sin,
-                           q_norm_ptr, norm_eps, rope == 2, HEAD_DIM)
+                           q_norm_ptr, norm_eps, (rope & 3) == 2, HEAD_DIM)
         else:
             q = tl.load(q_row + head * stride_qh + d)[None, :]
         q = q.to(k_cache_ptr.dtype.element_ty).to(tl.float32)  # [1, HEAD_DIM]

@@ -112,7 +112,8 @@ class SelfAttention(nn.Module):
 
     def attend(self, qkv, rope, kv_cache, metadata):
         """Attention from the qkv projection on, through o_proj; ``rope`` is the step's
-        (cos, sin) (``RotaryEmbedding.cos_sin``)."""
+        (cos, sin, by_position): rows (``RotaryEmbedding.cos_sin``), or with by_position
+        whole tables for a backend that reads them itself (``RotaryInputs.by_position``)."""
         t = qkv.shape[0]
         q, k, v = qkv.split(self.shard_sizes["qkv_proj"], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -121,13 +122,15 @@ class SelfAttention(nn.Module):
         qk_norm = None
         if self.q_norm is not None:  # applied inside the rotary op
             qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        cos, sin, by_position = rope
         if self.attn.fuses_rotary(metadata):  # the backend rotates inside its kernels
-            cos, sin = rope
-            fused = RotaryInputs(cos.reshape(t, -1).float(), sin.reshape(t, -1).float(),
-                                 *(qk_norm or (None, None, 0.0)))
+            if not by_position:
+                cos, sin = cos.reshape(t, -1).float(), sin.reshape(t, -1).float()
+            fused = RotaryInputs(cos, sin, *(qk_norm or (None, None, 0.0)),
+                                 by_position=by_position)
             o = self.attn.forward(q, k, v, kv_cache, metadata, rotary=fused)
         else:
-            q, k = rotary(q, k, rope, qk_norm=qk_norm)
+            q, k = rotary(q, k, (cos, sin), qk_norm=qk_norm)
             o = self.attn.forward(q, k, v, kv_cache, metadata)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
@@ -283,8 +286,14 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches, metadata: AttentionMetadata):
         # The first layer gathers its input rows from the table itself.
         x = table = self.model.embed_tokens.weight
-        # Once per step, for every layer.
-        rope = self.model.rotary.cos_sin(positions, x.dtype, as_float32=use_fused(x))
+        # Once per step, for every layer: the rows, or (decode steps of a backend that reads
+        # them itself) the whole tables.
+        attn = self.model.layers[0].self_attn.attn
+        if use_fused(x) and attn.rotary_by_position and attn.fuses_rotary(metadata):
+            rope = (*self.model.rotary.tables(x.device, x.dtype), True)
+        else:
+            rope = (*self.model.rotary.cos_sin(positions, x.dtype, as_float32=use_fused(x)),
+                    False)
         residual = None
         sums = self._mlp_sums(table, input_ids.shape[0])
         for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):

@@ -76,6 +76,13 @@ class RotaryEmbedding(torch.nn.Module):
             return rows[:, 0:1], rows[:, 1:2]
         return self._compute(positions, dtype)
 
+    def tables(self, device: torch.device, dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) over every position, each [max_positions, head_dim] float32 holding
+        the values ``cos_sin(..., as_float32=True)`` gathers (``RotaryInputs.by_position``)."""
+        table = self._table(device, dtype)
+        return table[:, 0], table[:, 1]
+
     def _compute(self, positions: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inverse_frequencies(positions.device)
