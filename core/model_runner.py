@@ -36,6 +36,26 @@ class ModelInput:
     graph_context: int = 0  # ... and for sequences of at most this many tokens
 
 
+def _is_run(values: list[int]) -> bool:
+    """Whether ``values`` are consecutive integers, ascending."""
+    first = values[0]
+    return values[-1] - first == len(values) - 1 and values == list(
+        range(first, first + len(values)))
+
+
+def fill_placeholders(input_ids: torch.Tensor, prev_tokens: torch.Tensor, dst: list[int],
+                      src: list[int], dst_dev: torch.Tensor, src_dev: torch.Tensor) -> None:
+    """``input_ids[dst[i]] = prev_tokens[src[i]]`` on the device (``*_dev``: the same
+    indices there).  Where both are runs (a decode batch whose rows kept their order: the
+    usual case) that is one copy kernel rather than a gather, a cast and a scatter, which
+    at batch 1 cost the step several microseconds between its CUDA graphs."""
+    if _is_run(dst) and _is_run(src):
+        n = len(dst)
+        input_ids[dst[0]:dst[0] + n].copy_(prev_tokens[src[0]:src[0] + n])
+        return
+    input_ids[dst_dev.long()] = prev_tokens.index_select(0, src_dev).to(input_ids.dtype)
+
+
 class ModelRunner:
     def __init__(self, model, kv_caches: list[torch.Tensor], kv_manager: KVCacheManager,
                  device: torch.device, max_model_len: int = 0, graphs: DecodeGraphs | None = None):
@@ -168,8 +188,8 @@ class ModelRunner:
         view = {name: dev[s] for name, s in cut.items()}
         input_ids = view["ids"]
         if fill_dst:
-            input_ids[view["fill_dst"].long()] = prev_tokens.index_select(
-                0, view["fill_src"]).to(torch.int32)
+            fill_placeholders(input_ids, prev_tokens, fill_dst, fill_src, view["fill_dst"],
+                              view["fill_src"])
         # A graph batch declares the longest context its graph was captured for.
         context = self.graphs.context_for(graph_batch, max(seq_lens_host)) if graph_batch else 0
         md = AttentionMetadata(

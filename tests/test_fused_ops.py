@@ -232,9 +232,15 @@ def test_triton_gemv_with_rms_norm_prologue(dtype, rows, with_residual, k, row_d
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("k", [96, 160])  # one tile; tiles (under the interpreter)
-def test_triton_gemv_gathers_embedding_rows(dtype, rows, k):
+@pytest.mark.parametrize("early", [False, True], ids=["after-wait", "before-wait"])
+def test_triton_gemv_gathers_embedding_rows(dtype, rows, k, early, monkeypatch):
     """With ``ids`` the input is rows of a table (the first layer's embedding): the GEMV
-    gathers them itself and returns them as the residual stream, exactly."""
+    gathers them itself and returns them as the residual stream, exactly; the ids read
+    after the PDL wait, or (a graph's first kernel, one tile) before it."""
+    if early:  # as while a CUDA graph is captured
+        real = fused_ops._gather_mode
+        monkeypatch.setattr(fused_ops, "_gather_mode", lambda ids, one_tile: 2 if (
+            ids is not None and one_tile) else real(ids, one_tile))
     gen = torch.Generator().manual_seed(rows + k)
     table = torch.randn(50, k, generator=gen).to(DEVICE, dtype)
     ids = torch.randint(0, 50, (rows,), generator=gen).to(DEVICE)

@@ -155,3 +155,21 @@ def test_mixed_prompt_and_decode_step(model_dir):
                    if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens]
         assert mi.sample_rows.tolist() == sampled
         engine.step()  # schedules the same batch again (nothing changed) and runs it
+
+
+@pytest.mark.parametrize("dst,src", [([0], [0]), ([0, 1, 2], [3, 4, 5]), ([2, 3], [1, 0]),
+                                     ([0, 2], [0, 1]), ([1, 0, 2], [0, 1, 2])])
+def test_fill_placeholders_puts_each_token_in_its_row(dst, src):
+    # Runs take one copy, the rest a gather and scatter: both give input_ids[dst[i]] =
+    # prev_tokens[src[i]] and leave every other row alone.
+    from pagedllm.model_runner import fill_placeholders
+
+    gen = torch.Generator().manual_seed(len(dst) + sum(src))
+    prev = torch.randint(0, 1000, (6,), generator=gen)  # int64, as the sampler gives them
+    ids = torch.randint(0, 1000, (4,), generator=gen, dtype=torch.int32)
+    want = ids.clone()
+    for d, s in zip(dst, src):
+        want[d] = int(prev[s])
+    fill_placeholders(ids, prev, dst, src, torch.tensor(dst, dtype=torch.int32),
+                      torch.tensor(src, dtype=torch.int32))
+    assert ids.dtype == torch.int32 and torch.equal(ids, want)

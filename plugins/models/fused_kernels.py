@@ -159,7 +159,7 @@ def gemv_kernel(
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
     NORM_RES: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr, ROW_DOT: tl.constexpr = False, GATHER: tl.constexpr = False,
+    USE_PDL: tl.constexpr, ROW_DOT: tl.constexpr = False, GATHER: tl.constexpr = 0,
 ):
     """out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for a few rows M: each program streams
     BLOCK_N rows of the weight once and serves every row of x with them.
@@ -178,9 +178,10 @@ def gemv_kernel(
 
     GATHER (NORM, not NORM_RES): x is a table (the token embedding) and row m of
     the input is its row ``ids[m]``; program 0 writes those rows to r_out (the residual
-    stream starts there).  The ids come from the step's host copy and the table is a
-    weight, so in one tile both are read before the PDL wait: the gather costs no kernel
-    and no time.
+    stream starts there).  GATHER 2 (one tile, a CUDA graph's first kernel): the ids were
+    copied in before the graph began and the table is a weight, so both are read before
+    the PDL wait, and the gather costs no kernel and no time.  GATHER 1 reads the ids
+    after the wait (eager steps: the kernel just before may have written them).
     """
     pid = tl.program_id(0)
     dtype = out_ptr.dtype.element_ty
@@ -196,7 +197,7 @@ def gemv_kernel(
         w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None], other=0.0)
     else:
         w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
-    if GATHER:
+    if GATHER == 2:
         ids = tl.load(ids_ptr + rm, mask=m_mask, other=0).to(tl.int64)
         x_rows = x_ptr + ids[:, None] * stride_xm
         if ONE_TILE:
@@ -205,9 +206,12 @@ def gemv_kernel(
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
+    if GATHER == 1:
+        ids = tl.load(ids_ptr + rm, mask=m_mask, other=0).to(tl.int64)
+        x_rows = x_ptr + ids[:, None] * stride_xm
     if ONE_TILE:
         x_mask = m_mask[:, None] & (rk < K)[None, :]
-        if GATHER:
+        if GATHER == 2:
             x = x_gathered
         else:
             x = _gemv_input(x_rows, r_rows, rk, x_mask, NORM_RES, dtype)

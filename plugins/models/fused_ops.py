@@ -292,12 +292,22 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
         x2, weight, bias if bias is not None else weight, out, m, n, k,
         x2.stride(0), weight.stride(0), out.stride(0),
         norm_w, r, r_out if r_out is not None else out, r.stride(0), eps,
-        ids if ids is not None else x2, GATHER=ids is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None,
+        ids if ids is not None else x2, GATHER=_gather_mode(ids, block_k >= k),
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None,
         NORM_RES=residual is not None, EVEN_K=k % block_k == 0, ONE_TILE=block_k >= k,
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(x2), num_warps=warps,
         num_stages=stages, ROW_DOT=_row_dot(m_pad, warps, silu_mul, norm is not None),
         **({"maxnreg": GEMV_MAXNREG} if GEMV_MAXNREG else {}))
     return out, r_out
+
+
+def _gather_mode(ids: torch.Tensor | None, one_tile: bool) -> int:
+    """The GEMV's GATHER: 0 none; 2 ids read before the PDL wait, only for one tile while
+    a CUDA graph is captured (the model's first kernel: the step's inputs were copied in
+    before the graph began); else 1, after the wait (see ``gemv_kernel``)."""
+    if ids is None:
+        return 0
+    return 2 if one_tile and ids.is_cuda and torch.cuda.is_current_stream_capturing() else 1
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
