@@ -75,7 +75,8 @@ def test_bf16_stays_as_close_to_fp32_as_hf_bf16_does(smollm2_path, smollm2_llm, 
     with HF transformers' own bf16 as the bar: a 135M model's bf16 rounding flips a close
     choice within 32 tokens on about half the prompts, in HF as in any engine.  Ours must
     keep as many 32-token continuations identical as HF's bf16 (less one), agree on the
-    first 8 tokens of most prompts, and keep the first step's logits within 3 %."""
+    first 8 tokens of most prompts, and keep the first step's logits within 3 % (or within
+    HF's own bf16 error on that prompt)."""
     import copy
 
     from pagedllm import LLM
@@ -99,10 +100,17 @@ def test_bf16_stays_as_close_to_fp32_as_hf_bf16_does(smollm2_path, smollm2_llm, 
     ids = want[0].prompt_token_ids
     ref, first = _last_logits(smollm2_llm, ids), _last_logits(bf16, ids).float()
     rel = float((first - ref).norm() / ref.norm())
+    with torch.no_grad():  # HF's own bf16 error on the same prompt: the bar, as above
+        hf_ref = hf_model(torch.tensor([ids])).logits[0, -1]
+        hf_first = hf16(torch.tensor([ids])).logits[0, -1].float()
+    hf_rel = float((hf_first - hf_ref).norm() / hf_ref.norm())
     summary = (f"tokens agreeing with fp32 before the first difference (of 32): ours {ours}, "
-               f"HF bf16 {theirs}; first-step relative logit error {rel:.4f}")
+               f"HF bf16 {theirs}; first-step relative logit error {rel:.4f}, "
+               f"HF bf16's {hf_rel:.4f}")
     print(summary)
     assert ours.count(32) >= theirs.count(32) - 1, summary
     assert sum(n >= 8 for n in ours) > len(ours) // 2, summary
-    assert rel < 0.03, summary
+    # 3 %, or no more than HF's bf16 on this prompt: with transformers 5.24's chat template
+    # the first prompt's step is a close one, where HF's bf16 itself is 5.7 % off.
+    assert rel < max(0.03, 1.1 * hf_rel), summary
     assert int(first.argmax()) == int(ref.argmax()), summary

@@ -215,12 +215,6 @@ class DecoderForCausalLM(nn.Module):
         self.to(dtype)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        if fused_ops.FUSED_MLP and fused_ops.MLP_DOWN_T and device.type == "cuda":
-            # down_proj stored transposed for the one-launch MLP (``fused_ops.MLP_DOWN_T``);
-            # loading copies into it in place, and F.linear takes either layout.
-            for layer in self.model.layers:
-                weight = layer.mlp.down_proj.weight
-                weight.data = weight.data.t().contiguous().t()
         # The one-launch MLP's float32 sums (``_mlp_sums``); a plain attribute, not a
         # buffer: no checkpoint holds it.
         self.mlp_sum_buffers: torch.Tensor | None = None

@@ -303,7 +303,6 @@ def norm_mlp_kernel(
     x_ptr, r_ptr, norm_w_ptr, w_gu_ptr, w_down_ptr, sum_ptr, zero_ptr, r_out_ptr,
     H, I, stride_gu, stride_down, eps,
     J: tl.constexpr, H_PAD: tl.constexpr, ZERO_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
-    DOWN_T: tl.constexpr = False,
 ):
     """A one-row decoder MLP in one launch: RMSNorm(x + r), gate/up, SiLU(gate) * up and
     down_proj, split over the intermediate axis.  Program p takes intermediate columns
@@ -313,9 +312,7 @@ def norm_mlp_kernel(
     is float32 in no fixed order; its reader rounds it to the activation dtype, as the
     unfused down_proj rounds its output.  Every other rounding is the unfused ops'.
     Program 0 writes the residual stream x + r to ``r_out``; the programs together zero
-    ``zero`` (the previous layer's sum, read by now) for a later layer to add into.
-    DOWN_T: ``w_down`` is stored transposed ([I, H] rows, ``stride_down`` apart), so a
-    program's J columns are J contiguous rows rather than 16 bytes from each of H rows."""
+    ``zero`` (the previous layer's sum, read by now) for a later layer to add into."""
     pid = tl.program_id(0)
     dtype = r_out_ptr.dtype.element_ty
     k = tl.arange(0, H_PAD)
@@ -326,12 +323,8 @@ def norm_mlp_kernel(
     w = tl.load(w_gu_ptr + row.to(tl.int64)[:, None] * stride_gu + k[None, :],
                 mask=(col < I)[:, None] & k_ok[None, :], other=0.0)
     j = pid * J + tl.arange(0, J)
-    if DOWN_T:
-        wd = tl.load(w_down_ptr + j.to(tl.int64)[:, None] * stride_down + k[None, :],
-                     mask=(j < I)[:, None] & k_ok[None, :], other=0.0)  # [J, H_PAD]
-    else:
-        wd = tl.load(w_down_ptr + k.to(tl.int64)[:, None] * stride_down + j[None, :],
-                     mask=k_ok[:, None] & (j < I)[None, :], other=0.0)  # [H_PAD, J]
+    wd = tl.load(w_down_ptr + k.to(tl.int64)[:, None] * stride_down + j[None, :],
+                 mask=k_ok[:, None] & (j < I)[None, :], other=0.0)  # [H_PAD, J]
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -355,8 +348,5 @@ def norm_mlp_kernel(
     u = tl.sum(tl.where(first, 0.0, gu2), axis=0)
     act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
     act = (act * u).to(dtype).to(tl.float32)  # [J]
-    if DOWN_T:
-        part = tl.sum(wd.to(tl.float32) * act[:, None], axis=0)  # [H_PAD]
-    else:
-        part = tl.sum(wd.to(tl.float32) * act[None, :], axis=1)  # [H_PAD]
+    part = tl.sum(wd.to(tl.float32) * act[None, :], axis=1)  # [H_PAD]
     tl.atomic_add(sum_ptr + k, part, mask=k_ok, sem="relaxed")

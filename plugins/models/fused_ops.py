@@ -375,9 +375,10 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
 # ---- argmax of logits rows ----------------------------------------------------------------
 # Greedy decoding's argmax over the vocabulary in two PDL launches (per-chunk maxima, then
 # one program a row), for decode graphs: torch's argmax costs a W2 Qwen3-0.6B step 12.8 us
-# on the H200 (8.8 us, and a 4 us gap: it cannot be launched with PDL).  Not yet measured
-# on a GPU, so off unless PAGEDLLM_FUSED_ARGMAX=1.
-FUSED_ARGMAX = os.environ.get("PAGEDLLM_FUSED_ARGMAX", "0") == "1"
+# on the H200 (8.8 us, and a 4 us gap: it cannot be launched with PDL); these two 2.8 us.
+# Measured (H200, W2 Qwen3-0.6B, 2026-12-02, same call): device time per step 0.621 ms
+# against 0.628, TPOT 0.632 against 0.641.  PAGEDLLM_FUSED_ARGMAX=0 turns it off.
+FUSED_ARGMAX = os.environ.get("PAGEDLLM_FUSED_ARGMAX", "1") == "1"
 ARGMAX_BLOCK = 4096  # columns per stage-1 program
 
 
@@ -408,29 +409,28 @@ def argmax(logits: torch.Tensor, force: bool = False) -> torch.Tensor:
 # RMSNorm, gate/up, SiLU and down_proj as one split-K kernel (``norm_mlp_kernel``) for decode
 # at batch 1: two kernel ends fewer a layer, and down_proj's weights stream with gate_up's.
 # Its output is a float32 sum built with atomics (so in no fixed order), which the next
-# norm rounds.  Not yet measured on a GPU, so off unless PAGEDLLM_FUSED_MLP=1.
+# norm rounds.  Measured slower, so off unless PAGEDLLM_FUSED_MLP=1: on the H200 (W2
+# Qwen3-0.6B, device time per step, 2026-12-02, one call) 0.703 ms with 8 columns and 4
+# warps a program, 0.655 with 8 warps, 0.637 with 16 columns and 8 warps, against 0.628
+# unfused; the kernel took 11-13 us a layer where gate_up and down_proj take 6.2 and 3.9.
+# (down_proj stored transposed, so each program reads whole rows: 0.654-0.686, no better.)
 FUSED_MLP = os.environ.get("PAGEDLLM_FUSED_MLP", "0") == "1"
 # Intermediate columns and warps a program; PAGEDLLM_FUSED_MLP_COLUMNS and
 # PAGEDLLM_FUSED_MLP_WARPS set them, for benchmarking.
 MLP_COLUMNS = int(os.environ.get("PAGEDLLM_FUSED_MLP_COLUMNS", 8))
 MLP_WARPS = int(os.environ.get("PAGEDLLM_FUSED_MLP_WARPS", 4))
-# down_proj's weight stored transposed (``DecoderForCausalLM`` lays it out so on CUDA), so
-# that each program reads whole rows of it; PAGEDLLM_FUSED_MLP_DOWN_T=1, for benchmarking.
-MLP_DOWN_T = os.environ.get("PAGEDLLM_FUSED_MLP_DOWN_T", "0") == "1"
 
 
 def norm_mlp_applies(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                      force: bool = False) -> bool:
     """Whether ``norm_mlp`` takes this product: one row, half precision, on CUDA (or any
     with ``force``), and a hidden size of at most 2048.  (Wider models have bandwidth-bound
-    MLPs near the floor already, and the atomics grow with hidden x intermediate / 8.)
-    ``down`` ([H, I]) may be stored row-major or transposed (the ``.t()`` of a contiguous
-    [I, H] tensor, see ``MLP_DOWN_T``)."""
+    MLPs near the floor already, and the atomics grow with hidden x intermediate / 8.)"""
     x2 = x.reshape(-1, x.shape[-1])
     return ((force or (FUSED_MLP and use_fused(x2) and gate_up.dtype in _GEMV_DTYPES))
             and x2.shape[0] == 1 and gate_up.shape[0] == 2 * down.shape[1]
             and gate_up.shape[1] == down.shape[0] == x2.shape[1] and x2.shape[1] <= 2048
-            and gate_up.stride(-1) == 1 and (down.stride(-1) == 1 or down.stride(0) == 1))
+            and gate_up.stride(-1) == 1 and down.stride(-1) == 1)
 
 
 def norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -446,10 +446,8 @@ def norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
     r2 = residual.reshape(1, hidden).contiguous()
     r_out = torch.empty_like(r2)
     grid = -(-inter // MLP_COLUMNS)
-    down_t = down.stride(-1) != 1  # stored transposed: rows of [I, H], down.stride(1) apart
     _kernels().norm_mlp_kernel[(grid,)](
         x2, r2, norm_weight, gate_up, down, out_sum, zero, r_out, hidden, inter,
-        gate_up.stride(0), down.stride(1 if down_t else 0), eps, J=MLP_COLUMNS,
-        H_PAD=_next_pow2(hidden), DOWN_T=down_t,
+        gate_up.stride(0), down.stride(0), eps, J=MLP_COLUMNS, H_PAD=_next_pow2(hidden),
         ZERO_BLOCK=_next_pow2(-(-hidden // grid)), **_pdl(r2), num_warps=MLP_WARPS)
     return r_out.view(residual.shape)
