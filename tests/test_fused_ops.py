@@ -320,6 +320,9 @@ def test_triton_argmax_is_torch_argmax(dtype, rows, n):
     x[0, n // 2] = x[0, n - 1] = x[0].max() + 1  # a tie: the first one wins
     if rows > 1:
         x[1, n // 3] = float("nan")
+    if rows > 2:  # +inf before and after a NaN: the NaN wins, as in torch
+        x[2, 1] = x[2, n - 2] = float("inf")
+        x[2, n - 3] = float("nan")
     got = fused_ops.argmax(x, force=True)
     assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1))
     assert got[0] == n // 2

@@ -263,8 +263,8 @@ def gemv_kernel(
 def argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, n, stride_x, BLOCK: tl.constexpr,
                           USE_PDL: tl.constexpr):
     """Stage 1 of a row's argmax: program (row, p) writes the max of its BLOCK columns (as
-    float32) and the first column holding it.  NaN counts as the largest value, as in
-    ``torch.argmax``."""
+    float32) and the first column holding it; where the columns hold a NaN (the maximum,
+    as in ``torch.argmax``, above +inf too), the first NaN's column c as -c - 1."""
     row = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     cols = p * BLOCK + tl.arange(0, BLOCK)
@@ -273,9 +273,11 @@ def argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, n, stride_x, BLOCK: tl.conste
         gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=float("-inf"))
     x = x.to(tl.float32)
-    x = tl.where(x != x, float("inf"), x)  # NaN: above everything (ties with +inf: see op)
-    best = tl.max(x, axis=0)
+    nan = x != x
+    first_nan = tl.min(tl.where(nan, cols, 2147483647), axis=0)
+    best = tl.max(tl.where(nan, float("-inf"), x), axis=0)
     first = tl.min(tl.where(x == best, cols, 2147483647), axis=0)
+    first = tl.where(first_nan < 2147483647, -first_nan - 1, first)
     out = row * tl.num_programs(1) + p
     tl.store(val_ptr + out, best)
     tl.store(idx_ptr + out, first)
@@ -284,7 +286,8 @@ def argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, n, stride_x, BLOCK: tl.conste
 @triton.jit
 def argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, parts, BLOCK: tl.constexpr,
                          USE_PDL: tl.constexpr):
-    """Stage 2: each row's argmax from its ``parts`` partials (ties: the first column)."""
+    """Stage 2: each row's argmax from its ``parts`` partials (ties: the first column; a
+    negative index is its chunk's first NaN, and chunks are in column order)."""
     row = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, BLOCK)
     if USE_PDL:
@@ -293,9 +296,11 @@ def argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, parts, BLOCK: tl.constexpr,
     ok = p < parts
     v = tl.load(val_ptr + row * parts + p, mask=ok, other=float("-inf"))
     i = tl.load(idx_ptr + row * parts + p, mask=ok, other=2147483647)
-    best = tl.max(v, axis=0)
-    tl.store(out_ptr + row, tl.min(tl.where(ok & (v == best), i, 2147483647), axis=0)
-             .to(tl.int64))
+    nan = ok & (i < 0)
+    first_nan = tl.min(tl.where(nan, -i - 1, 2147483647), axis=0)
+    best = tl.max(tl.where(nan, float("-inf"), v), axis=0)
+    first = tl.min(tl.where(ok & ~nan & (v == best), i, 2147483647), axis=0)
+    tl.store(out_ptr + row, tl.where(first_nan < 2147483647, first_nan, first).to(tl.int64))
 
 
 @triton.jit

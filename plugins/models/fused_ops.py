@@ -384,8 +384,7 @@ ARGMAX_BLOCK = 4096  # columns per stage-1 program
 
 def argmax(logits: torch.Tensor, force: bool = False) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` (int64) of [rows, vocab] logits: the first index of each
-    row's maximum, NaN counting as the maximum.  (A row holding both NaN and +inf gives
-    the first of either, where torch gives the NaN's.)"""
+    row's maximum, NaN counting as the maximum (above +inf), as ``torch.argmax`` gives it."""
     if not (force or (FUSED_ARGMAX and use_fused(logits))) or logits.dim() != 2:
         return logits.argmax(dim=-1)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
