@@ -350,7 +350,7 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     rows are returned as the residual stream."""
     k = weight.shape[1]
     if ids is not None:
-        gathers = GEMV_GATHER and ids.shape[0] <= GEMV_MAX_ROWS and _one_tile(k, 1)
+        gathers = GEMV_GATHER and ids.shape[0] <= GEMV_MAX_ROWS
         if not (residual is None and ids.dim() == 1 and k <= NORM_PROLOGUE_MAX_K
                 and (force or (gathers and _gemv_applies(x[:1], weight)))):
             return rms_norm_linear(F.embedding(ids, x), None, norm_weight, eps, weight, bias,
