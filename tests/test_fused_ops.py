@@ -259,6 +259,54 @@ def test_triton_gemv_gathers_embedding_rows(dtype, rows, k, early, monkeypatch):
     torch.testing.assert_close(ref_rows, table[ids].cpu(), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not CUDA, reason="the bulk prefetch is PTX: no interpreter runs it")
+@pytest.mark.parametrize("when", [1, 2], ids=["before-wait", "after-wait"])
+@pytest.mark.parametrize("lanes", [1, 8, 128])
+def test_gemv_l2_prefetch_changes_no_result(when, lanes, monkeypatch):
+    """Prefetching other tensors into L2 (one or two, of sizes no lane count divides)
+    leaves every kind of GEMV's output bit for bit as it was, and the lanes' shares cover
+    both tensors."""
+    monkeypatch.setattr(fused_ops, "L2_PREFETCH_WHEN", when)
+    monkeypatch.setattr(fused_ops, "L2_PREFETCH_LANES", lanes)
+    gen = torch.Generator().manual_seed(when * 1000 + lanes)
+    dtype, k, n = torch.bfloat16, 1024, 3000
+    x = torch.randn(1, k, generator=gen).to(DEVICE, dtype)
+    r = torch.randn(1, k, generator=gen).to(DEVICE, dtype)
+    gu = torch.randn(1, 2 * k, generator=gen).to(DEVICE, dtype)
+    norm_w = (1 + 0.2 * torch.randn(k, generator=gen)).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
+    a = torch.randn(1000003 * 8, generator=gen).to(DEVICE, dtype)  # 16 MB and 16 bytes
+    b = torch.randn(77 * 8, generator=gen).to(DEVICE, dtype)
+    for pf in [(a,), (b, a), (a, b)]:
+        args = fused_ops._prefetch_args(pf, 375, 4, x.device, False)
+        total = sum(t.numel() * t.element_size() for t in pf)
+        assert args["PREFETCH"] == when and args["pf_lane_bytes"] % 16 == 0
+        assert 375 * args["PF_LANES"] * args["pf_lane_bytes"] >= total
+        assert args["pf1_bytes"] == (total - args["pf0_bytes"])
+        want = fused_ops.linear(x, w)
+        got = fused_ops.linear(x, w, prefetch=pf)
+        assert torch.equal(got, want)
+        want = fused_ops.rms_norm_linear(x, r, norm_w, 1e-6, w)
+        got = fused_ops.rms_norm_linear(x, r, norm_w, 1e-6, w, prefetch=pf)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        want = fused_ops.silu_mul_linear(gu, w)
+        got = fused_ops.silu_mul_linear(gu, w, prefetch=pf)
+        assert torch.equal(got, want)
+    torch.cuda.synchronize()  # a faulting prefetch address would show here
+
+
+def test_l2_prefetch_is_dropped_where_it_cannot_run():
+    """On the CPU (the interpreter), for tensors on another device or not 16-byte sized,
+    the GEMV gets no prefetch arguments: its default, none."""
+    t = torch.zeros(64, dtype=torch.bfloat16)
+    assert fused_ops._prefetch_args((t,), 4, 4, torch.device("cpu"), True) == {}
+    assert fused_ops._prefetch_args((), 4, 4, DEVICE, False) == {}
+    if CUDA:
+        odd = torch.zeros(7, dtype=torch.bfloat16, device=DEVICE)
+        assert fused_ops._prefetch_args((odd,), 4, 4, DEVICE, False) == {}
+        assert fused_ops._prefetch_args((t,), 4, 4, DEVICE, False) == {}  # a CPU tensor
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rope_type", ["default", "llama3"])
 def test_rotary_table_rows_equal_the_tables_computed_per_step(dtype, rope_type):

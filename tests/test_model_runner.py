@@ -173,3 +173,56 @@ def test_fill_placeholders_puts_each_token_in_its_row(dst, src):
     fill_placeholders(ids, prev, dst, src, torch.tensor(dst, dtype=torch.int32),
                       torch.tensor(src, dtype=torch.int32))
     assert ids.dtype == torch.int32 and torch.equal(ids, want)
+
+
+
+def test_decoder_gemvs_prefetch_the_weights_named_for_their_sites(model_dir, monkeypatch):
+    """With every L2-prefetch site on, each layer's GEMVs are handed the weights their site
+    names (``fused_ops.L2_PREFETCH_SITES``): qkv o_proj's and gate_up's, o_proj down's,
+    gate_up the next layer's qkv, down the next layer's o_proj (the last layer: none);
+    with no site on, none are.  Tokens do not change (the hint is dropped on CPU)."""
+    from pagedllm.plugins.models import decoder, fused_ops
+
+    llm = LLM(model=model_dir, device="cpu", block_size=4, num_kv_blocks=200,
+              async_scheduling=False)
+    layers = llm.engine.model.model.layers
+    assert len(layers) >= 2
+    calls = []
+
+    def recording(name, real):
+        def call(*args, prefetch=(), **kw):
+            calls.append((name, tuple(prefetch)))
+            return real(*args, **kw)
+        return call
+
+    for name in ("rms_norm_linear", "linear", "silu_mul_linear"):
+        monkeypatch.setattr(decoder, name, recording(name, getattr(decoder, name)))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    def run(sites):
+        monkeypatch.setattr(fused_ops, "L2_PREFETCH_SITES", frozenset(sites))
+        calls.clear()
+        out = llm.generate({"prompt_token_ids": [5, 9, 3, 44, 17]}, params, use_tqdm=False)
+        return out[0].outputs[0].token_ids, list(calls)
+
+    tokens_off, calls_off = run(())
+    assert calls_off and all(p == () for _, p in calls_off)
+    tokens_on, calls_on = run(("qkv", "o", "gate_up", "down"))
+    assert tokens_on == tokens_off
+    # Each forward: four GEMV sites a layer, then the LM head (which prefetches nothing).
+    per_forward = 4 * len(layers) + 1
+    assert len(calls_on) == 4 * per_forward  # the prompt's step and three decode steps
+    for f in range(4):
+        fwd = calls_on[f * per_forward:(f + 1) * per_forward]
+        assert fwd[-1] == ("linear", ())
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            want = [("rms_norm_linear", (attn.o_proj.weight, mlp.gate_up_proj.weight)),
+                    ("linear", (mlp.down_proj.weight,)),
+                    ("rms_norm_linear", (nxt.self_attn.qkv_proj.weight,) if nxt else ()),
+                    ("silu_mul_linear", (nxt.self_attn.o_proj.weight,) if nxt else ())]
+            got = fwd[4 * i:4 * i + 4]
+            assert [n for n, _ in got] == [n for n, _ in want]
+            for (_, g), (_, e) in zip(got, want):
+                assert len(g) == len(e) and all(a is b for a, b in zip(g, e))

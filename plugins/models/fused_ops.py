@@ -175,6 +175,53 @@ _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 GEMV_GATHER = os.environ.get("PAGEDLLM_GEMV_GATHER", "1") == "1"
 
 
+# L2 prefetch of later kernels' weights by a decode GEMV (``_gemv``'s ``prefetch``), so
+# DRAM stays busy while latency-bound kernels (attention, the hand-over between kernels)
+# leave it idle.  The sites (the decoder wires them): "qkv" pulls o_proj's and gate_up's
+# weights (read after attention), "o" down_proj's, "gate_up" the next layer's qkv, "down"
+# the next layer's o_proj.  PAGEDLLM_L2_PREFETCH sets the sites ("" none), ..._WHEN
+# "before" or "after" the PDL wait, ..._LANES the bulk prefetches a program issues.
+L2_PREFETCH_SITES = frozenset(
+    x for x in os.environ.get("PAGEDLLM_L2_PREFETCH", "").split(",") if x)
+L2_PREFETCH_WHEN = {"before": 1, "after": 2}[os.environ.get("PAGEDLLM_L2_PREFETCH_WHEN",
+                                                            "after")]
+L2_PREFETCH_LANES = int(os.environ.get("PAGEDLLM_L2_PREFETCH_LANES", 8))
+
+
+def _l2_prefetchable(t: torch.Tensor, device: torch.device) -> bool:
+    """A tensor a GEMV on ``device`` may pull into L2: contiguous on that device, 16-byte
+    aligned and sized (the bulk prefetch's unit), on sm90 or later (its instruction)."""
+    nbytes = t.numel() * t.element_size()
+    return (device.type == "cuda" and t.device == device and t.is_contiguous()
+            and nbytes % 16 == 0 and t.data_ptr() % 16 == 0
+            and _sm90(device.index if device.index is not None
+                      else torch.cuda.current_device()))
+
+
+@functools.cache
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _prefetch_args(prefetch: tuple[torch.Tensor, ...], grid: int, warps: int,
+                   device: torch.device, interpreted: bool) -> dict:
+    """The GEMV's prefetch arguments for up to two tensors (none that cannot be)."""
+    ts = [t for t in prefetch if t is not None and _l2_prefetchable(t, device)] \
+        if prefetch and not interpreted else []
+    if not ts:
+        return {}
+    if len(ts) > 2:
+        raise ValueError(f"prefetch: {len(ts)} tensors, at most 2")
+    ts = ts + [ts[0]] * (2 - len(ts))
+    b0 = ts[0].numel() * ts[0].element_size()
+    b1 = ts[1].numel() * ts[1].element_size() if ts[1] is not ts[0] else 0
+    lanes = min(L2_PREFETCH_LANES, 32 * warps)
+    lane_bytes = -(-(b0 + b1) // (grid * lanes * 16)) * 16
+    return dict(pf0_addr=ts[0].data_ptr(), pf0_bytes=b0, pf1_addr=ts[1].data_ptr(),
+                pf1_bytes=b1, pf_lane_bytes=lane_bytes, PREFETCH=L2_PREFETCH_WHEN,
+                PF_LANES=lanes, PF_THREADS=32 * warps)
+
+
 # A program's weight slab up to this many elements is one tile (``ONE_TILE``): all of it is
 # requested at once, before the PDL wait, and a norm prologue reads x once.
 ONE_TILE_MAX_ELEMENTS = int(os.environ.get("PAGEDLLM_GEMV_ONE_TILE_MAX_ELEMENTS", 32768))
@@ -268,9 +315,11 @@ def _gemv_applies(x2: torch.Tensor, weight: torch.Tensor) -> bool:
 def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
           interpreted: bool, config: tuple[int, int, int, int] | None = None,
           norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-          ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+          ids: torch.Tensor | None = None, prefetch: tuple[torch.Tensor, ...] = ()
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x2 @ weight^T + bias, the new residual stream when ``residual`` is given, or the
-    gathered rows ``x2[ids]`` when ``ids`` is: then x2 is a table, see the kernel's GATHER)."""
+    gathered rows ``x2[ids]`` when ``ids`` is: then x2 is a table, see the kernel's GATHER).
+    ``prefetch``: up to two tensors (later kernels' weights) to pull into L2 meanwhile."""
     m = x2.shape[0] if ids is None else ids.shape[0]
     n, k = weight.shape
     # The weight's dtype: x2 may be a float32 sum (norm_mlp) beside a half residual.
@@ -288,7 +337,8 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
         block_k = min(block_k, max(64, _next_pow2(k) if k <= 128 else 64))
     norm_w, eps = norm if norm is not None else (weight, 0.0)
     r = residual if residual is not None else x2
-    _kernels().gemv_kernel[(-(-n // block_n),)](
+    grid = -(-n // block_n)
+    _kernels().gemv_kernel[(grid,)](
         x2, weight, bias if bias is not None else weight, out, m, n, k,
         x2.stride(0), weight.stride(0), out.stride(0),
         norm_w, r, r_out if r_out is not None else out, r.stride(0), eps,
@@ -297,7 +347,8 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
         NORM_RES=residual is not None, EVEN_K=k % block_k == 0, ONE_TILE=block_k >= k,
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(x2), num_warps=warps,
         num_stages=stages, ROW_DOT=_row_dot(m_pad, warps, silu_mul, norm is not None),
-        **({"maxnreg": GEMV_MAXNREG} if GEMV_MAXNREG else {}))
+        **({"maxnreg": GEMV_MAXNREG} if GEMV_MAXNREG else {}),
+        **_prefetch_args(prefetch, grid, warps, x2.device, interpreted))
     return out, r_out
 
 
@@ -311,20 +362,22 @@ def _gather_mode(ids: torch.Tensor | None, one_tile: bool) -> int:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           force: bool = False) -> torch.Tensor:
+           force: bool = False, prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; few-row bf16/fp16 products on CUDA (or any with
-    ``force``) run as the Triton GEMV."""
+    ``force``) run as the Triton GEMV, which pulls ``prefetch`` into L2 on the way."""
     k = weight.shape[1]
     x2 = x.reshape(-1, k)
     if not (force or _gemv_applies(x2, weight)):
         return F.linear(x, weight, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return _gemv(x2, weight, bias, False, force and not x.is_cuda)[0].view(*x.shape[:-1], -1)
+    return _gemv(x2, weight, bias, False, force and not x.is_cuda,
+                 prefetch=prefetch)[0].view(*x.shape[:-1], -1)
 
 
 def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None, force: bool = False) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, force: bool = False,
+                    prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """``F.linear(silu_and_mul(gate_up), weight, bias)``; on the GEMV path the activation is
     computed inside the product, one kernel instead of two."""
     n = gate_up.shape[-1] // 2
@@ -333,13 +386,15 @@ def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
         return F.linear(silu_and_mul(gate_up), weight, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return _gemv(x2, weight, bias, True, force and not gate_up.is_cuda)[0].view(
+    return _gemv(x2, weight, bias, True, force and not gate_up.is_cuda,
+                 prefetch=prefetch)[0].view(
         *gate_up.shape[:-1], -1)
 
 
 def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                     eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    force: bool = False, ids: torch.Tensor | None = None
+                    force: bool = False, ids: torch.Tensor | None = None,
+                    prefetch: tuple[torch.Tensor, ...] = ()
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.linear(rms_norm(x + residual), weight, bias)`` and the new residual stream
     ``x + residual`` (x itself when ``residual`` is None).  On the GEMV path the norm and the
@@ -354,20 +409,21 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
         if not (residual is None and ids.dim() == 1 and k <= NORM_PROLOGUE_MAX_K
                 and (force or (gathers and _gemv_applies(x[:1], weight)))):
             return rms_norm_linear(F.embedding(ids, x), None, norm_weight, eps, weight, bias,
-                                   force)
+                                   force, prefetch=prefetch)
         return _gemv(x.contiguous(), weight, bias, False, force and not x.is_cuda,
-                     norm=(norm_weight, eps), ids=ids.contiguous())
+                     norm=(norm_weight, eps), ids=ids.contiguous(), prefetch=prefetch)
     x2 = x.reshape(-1, k)
     # A float32 x (a norm_mlp sum) goes in as it is where the GEMV takes the residual.
     like = residual.reshape(-1, k) if residual is not None and x.dtype != residual.dtype \
         else x2
     if not (force or (k <= NORM_PROLOGUE_MAX_K and _gemv_applies(like, weight))):
         h, new_residual = rms_norm(x, norm_weight, eps, residual, force=force)
-        return linear(h, weight, bias), (x if residual is None else new_residual)
+        return (linear(h, weight, bias, prefetch=prefetch),
+                x if residual is None else new_residual)
     x2 = x2.contiguous()
     r2 = residual.reshape(-1, k).contiguous() if residual is not None else None
     out, r_out = _gemv(x2, weight, bias, False, force and not x.is_cuda,
-                       norm=(norm_weight, eps), residual=r2)
+                       norm=(norm_weight, eps), residual=r2, prefetch=prefetch)
     return (out.view(*x.shape[:-1], -1),
             x if residual is None else r_out.view(residual.shape))
 
