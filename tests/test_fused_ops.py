@@ -259,6 +259,48 @@ def test_triton_gemv_gathers_embedding_rows(dtype, rows, k, early, monkeypatch):
     torch.testing.assert_close(ref_rows, table[ids].cpu(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("target", [1, 4, 5])  # 4, 3 and 2 blocks a program for 11 blocks
+@pytest.mark.parametrize("kind", ["plain", "norm", "silu", "gather"])
+def test_gemv_programs_of_several_row_blocks(dtype, target, kind, monkeypatch):
+    """A one-tile GEMV whose programs serve several blocks of weight rows (the kernel's
+    BLOCKS, from GEMV_BLOCKS_TARGET) gives what one block a program gives, bit for bit,
+    for every prologue, with the last program's blocks partly or wholly past N."""
+    monkeypatch.setattr(fused_ops, "GEMV_BLOCKS_KINDS", frozenset({"plain", "norm", "silu"}))
+    gen = torch.Generator().manual_seed(target * 7 + len(kind))
+    k, n = 64, 8 * 10 + 3  # 11 blocks of 8 rows
+    monkeypatch.setattr(fused_ops, "BLOCK_N_BY_KIND", {"plain": 8, "norm": 8, "silu": 8})
+    x = torch.randn(1, 2 * k if kind == "silu" else k, generator=gen).to(DEVICE, dtype)
+    r = torch.randn(1, k, generator=gen).to(DEVICE, dtype)
+    table = torch.randn(20, k, generator=gen).to(DEVICE, dtype)
+    ids = torch.tensor([7], device=DEVICE)
+    norm_w = (1 + 0.2 * torch.randn(k, generator=gen)).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=gen).to(DEVICE, dtype)
+
+    def run():
+        if kind == "plain":
+            return fused_ops.linear(x[:, :k], w, b, force=True)
+        if kind == "silu":
+            return fused_ops.silu_mul_linear(x, w, b, force=True)
+        if kind == "norm":
+            return fused_ops.rms_norm_linear(x, r, norm_w, 1e-6, w, b, force=True)
+        return fused_ops.rms_norm_linear(table, None, norm_w, 1e-6, w, b, force=True, ids=ids)
+
+    monkeypatch.setattr(fused_ops, "GEMV_BLOCKS_TARGET", 0)
+    want = run()
+    launched = []
+    real = fused_ops._blocks_per_program
+    monkeypatch.setattr(fused_ops, "_blocks_per_program",
+                        lambda *a: launched.append(real(*a)) or launched[-1])
+    monkeypatch.setattr(fused_ops, "GEMV_BLOCKS_TARGET", target)
+    got = run()
+    assert launched == [{1: 4, 4: 3, 5: 2}[target]]
+    for g, e in zip(got if isinstance(got, tuple) else (got,),
+                    want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not CUDA, reason="the bulk prefetch is PTX: no interpreter runs it")
 @pytest.mark.parametrize("when", [1, 2], ids=["before-wait", "after-wait"])
 @pytest.mark.parametrize("lanes", [1, 8, 128])

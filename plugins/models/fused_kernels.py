@@ -188,6 +188,7 @@ def gemv_kernel(
     USE_PDL: tl.constexpr, ROW_DOT: tl.constexpr = False, GATHER: tl.constexpr = 0,
     pf0_addr=0, pf0_bytes=0, pf1_addr=0, pf1_bytes=0, pf_lane_bytes=16,
     PREFETCH: tl.constexpr = 0, PF_LANES: tl.constexpr = 8, PF_THREADS: tl.constexpr = 128,
+    BLOCKS: tl.constexpr = 1,
 ):
     """out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for a few rows M: each program streams
     BLOCK_N rows of the weight once and serves every row of x with them.
@@ -211,13 +212,18 @@ def gemv_kernel(
     the PDL wait, and the gather costs no kernel and no time.  GATHER 1 reads the ids
     after the wait (eager steps: the kernel just before may have written them).
 
+    BLOCKS (ONE_TILE only, 1-4): a program serves BLOCKS blocks of BLOCK_N weight rows,
+    every block requested before the PDL wait, the input (and its norm) computed once: at
+    a grid of a few programs per SM the whole weight is in flight as the kernel starts,
+    where a grid of many programs streams it in waves, each a DRAM round trip.
+
     PREFETCH (CUDA sm90+ only; see ``_l2_prefetch``): the programs also pull two byte
     ranges, later kernels' weights, into L2: 1 before the PDL wait, 2 right after it, when
     this kernel's own weight is already in flight and the kernel before has finished.
     """
     pid = tl.program_id(0)
     dtype = out_ptr.dtype.element_ty
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = pid * (BLOCK_N * BLOCKS) + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, M_PAD)
     n_mask = rn < N
     m_mask = rm < M
@@ -225,10 +231,16 @@ def gemv_kernel(
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     r_rows = r_ptr + rm.to(tl.int64)[:, None] * stride_rm
     rk = tl.arange(0, BLOCK_K)
-    if EVEN_K:
-        w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None], other=0.0)
-    else:
-        w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
+    w = _gemv_weight_tile(w_rows, rk, n_mask, K, EVEN_K)
+    # The program's further blocks (BLOCKS > 1), BLOCK_N rows apart.
+    if BLOCKS > 1:
+        w1 = _gemv_weight_tile(w_rows + BLOCK_N * stride_wn, rk, rn + BLOCK_N < N, K, EVEN_K)
+    if BLOCKS > 2:
+        w2 = _gemv_weight_tile(w_rows + 2 * BLOCK_N * stride_wn, rk, rn + 2 * BLOCK_N < N, K,
+                               EVEN_K)
+    if BLOCKS > 3:
+        w3 = _gemv_weight_tile(w_rows + 3 * BLOCK_N * stride_wn, rk, rn + 3 * BLOCK_N < N, K,
+                               EVEN_K)
     if GATHER == 2:
         ids = tl.load(ids_ptr + rm, mask=m_mask, other=0).to(tl.int64)
         x_rows = x_ptr + ids[:, None] * stride_xm
@@ -262,6 +274,15 @@ def gemv_kernel(
             scale = tl.math.rsqrt(tl.sum(x * x, axis=1) / K + eps)[:, None]
         x = _gemv_prologue(x, x_rows, rk, x_mask, norm_w_ptr, scale, K, SILU_MUL, NORM, dtype)
         acc = _gemv_dot(x, w, M_PAD, BLOCK_K, ROW_DOT)
+        if BLOCKS > 1:
+            _gemv_store(_gemv_dot(x, w1, M_PAD, BLOCK_K, ROW_DOT), rn + BLOCK_N, rm, m_mask,
+                        b_ptr, out_ptr, N, stride_om, HAS_BIAS)
+        if BLOCKS > 2:
+            _gemv_store(_gemv_dot(x, w2, M_PAD, BLOCK_K, ROW_DOT), rn + 2 * BLOCK_N, rm,
+                        m_mask, b_ptr, out_ptr, N, stride_om, HAS_BIAS)
+        if BLOCKS > 3:
+            _gemv_store(_gemv_dot(x, w3, M_PAD, BLOCK_K, ROW_DOT), rn + 3 * BLOCK_N, rm,
+                        m_mask, b_ptr, out_ptr, N, stride_om, HAS_BIAS)
     else:
         scale = 1.0
         if NORM:
@@ -291,10 +312,25 @@ def gemv_kernel(
                                dtype)
             acc += _gemv_dot(x, w, M_PAD, BLOCK_K, ROW_DOT)
             w = w_next
+    _gemv_store(acc, rn, rm, m_mask, b_ptr, out_ptr, N, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _gemv_weight_tile(w_rows, rk, n_mask, K, EVEN_K: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] weight tile at rows ``w_rows``, columns ``rk`` (zero past N, K)."""
+    if EVEN_K:
+        return tl.load(w_rows + rk[None, :], mask=n_mask[:, None], other=0.0)
+    return tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _gemv_store(acc, rn, rm, m_mask, b_ptr, out_ptr, N, stride_om, HAS_BIAS: tl.constexpr):
+    """Add the bias to the [M_PAD, BLOCK_N] float32 result for rows ``rn`` and store it."""
+    n_mask = rn < N
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(dtype), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit

@@ -175,6 +175,25 @@ _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 GEMV_GATHER = os.environ.get("PAGEDLLM_GEMV_GATHER", "1") == "1"
 
 
+# Weight-row blocks per one-tile GEMV program (the kernel's BLOCKS): a product of more
+# blocks than about GEMV_BLOCKS_TARGET programs gives each program up to four, all in
+# flight as it starts (kinds GEMV_BLOCKS_KINDS: "plain", "norm", "silu").
+# PAGEDLLM_GEMV_BLOCKS_TARGET (0: one block a program) and PAGEDLLM_GEMV_BLOCKS_KINDS set
+# them, for benchmarking.
+GEMV_BLOCKS_TARGET = int(os.environ.get("PAGEDLLM_GEMV_BLOCKS_TARGET", 0))
+GEMV_BLOCKS_KINDS = frozenset(os.environ.get("PAGEDLLM_GEMV_BLOCKS_KINDS", "norm").split(","))
+
+
+def _blocks_per_program(num_blocks: int, kind: str, tile_elements: int) -> int:
+    """The GEMV's BLOCKS for a one-tile product of ``num_blocks`` row blocks, each tile
+    ``tile_elements`` big: the program's tiles together within ONE_TILE_MAX_ELEMENTS (past
+    it they spill: ptxas for sm90, 16 x 1024 tiles, four a program)."""
+    if GEMV_BLOCKS_TARGET <= 0 or kind not in GEMV_BLOCKS_KINDS:
+        return 1
+    cap = max(1, min(4, ONE_TILE_MAX_ELEMENTS // tile_elements))
+    return max(1, min(cap, round(num_blocks / GEMV_BLOCKS_TARGET)))
+
+
 # L2 prefetch of later kernels' weights by a decode GEMV (``_gemv``'s ``prefetch``), so
 # DRAM stays busy while latency-bound kernels (attention, the hand-over between kernels)
 # leave it idle.  The sites (the decoder wires them): "qkv" pulls o_proj's and gate_up's
@@ -247,6 +266,13 @@ ROW_DOT_WARPS = 4 if "PAGEDLLM_GEMV_ROW_DOT" not in os.environ else None  # None
 # ``gemv_config``'s).  PAGEDLLM_GEMV_BLOCK_N sets it, for benchmarking.
 BLOCK_N_BY_KIND = {kind: int(n) for kind, n in (
     item.split("=") for item in os.environ.get("PAGEDLLM_GEMV_BLOCK_N", "").split(",") if item)}
+
+
+# Warps per one-tile program by kind ("silu=8": down_proj's; unset: ``gemv_config``'s).
+# PAGEDLLM_GEMV_WARPS_BY_KIND sets it, for benchmarking.
+WARPS_BY_KIND = {kind: int(n) for kind, n in (
+    item.split("=") for item in os.environ.get("PAGEDLLM_GEMV_WARPS_BY_KIND", "").split(",")
+    if item)}
 
 
 def _kind(silu_mul: bool, norm: bool) -> str:
@@ -333,11 +359,15 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
     warps = GEMV_WARPS or warps
     if config is None and block_k >= k:
         block_n = BLOCK_N_BY_KIND.get(_kind(silu_mul, norm is not None), block_n)
+        warps = GEMV_WARPS or WARPS_BY_KIND.get(_kind(silu_mul, norm is not None), warps)
     if interpreted:  # the interpreter's cost grows with tile size
         block_k = min(block_k, max(64, _next_pow2(k) if k <= 128 else 64))
     norm_w, eps = norm if norm is not None else (weight, 0.0)
     r = residual if residual is not None else x2
-    grid = -(-n // block_n)
+    num_blocks = -(-n // block_n)
+    blocks = _blocks_per_program(num_blocks, _kind(silu_mul, norm is not None),
+                                 block_n * m_pad * block_k) if block_k >= k else 1
+    grid = -(-num_blocks // blocks)
     _kernels().gemv_kernel[(grid,)](
         x2, weight, bias if bias is not None else weight, out, m, n, k,
         x2.stride(0), weight.stride(0), out.stride(0),
@@ -348,7 +378,7 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(x2), num_warps=warps,
         num_stages=stages, ROW_DOT=_row_dot(m_pad, warps, silu_mul, norm is not None),
         **({"maxnreg": GEMV_MAXNREG} if GEMV_MAXNREG else {}),
-        **_prefetch_args(prefetch, grid, warps, x2.device, interpreted))
+        BLOCKS=blocks, **_prefetch_args(prefetch, grid, warps, x2.device, interpreted))
     return out, r_out
 
 
