@@ -62,21 +62,8 @@ class Linear(nn.Linear):
     """``nn.Linear`` whose few-row products (decode at small batch) run as a Triton GEMV
     on CUDA (``fused_ops.linear``); quantization plugins replace it like any nn.Linear."""
 
-    def forward(self, x: torch.Tensor, prefetch: tuple[torch.Tensor, ...] = ()
-                ) -> torch.Tensor:
-        """``prefetch``: later kernels' weights the GEMV pulls into L2 (``fused_ops``)."""
-        return linear(x, self.weight, self.bias, prefetch=prefetch)
-
-
-def _weights(*modules: nn.Module) -> tuple[torch.Tensor, ...]:
-    """The weights of those of ``modules`` that are plain ``Linear`` layers (a quantization
-    method's replacement keeps its own layout: nothing of it is prefetched)."""
-    return tuple(m.weight for m in modules if type(m) is Linear)
-
-
-def _prefetch(site: str, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
-    """What the GEMV at ``site`` pulls into L2 (``fused_ops.L2_PREFETCH_SITES``)."""
-    return _weights(*modules) if site in fused_ops.L2_PREFETCH_SITES else ()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class MLP(nn.Module):
@@ -91,12 +78,11 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.down(self.gate_up_proj(x))
 
-    def down(self, gate_up, prefetch: tuple[torch.Tensor, ...] = ()):
-        """The MLP from its gate/up projection on (``prefetch``: see ``Linear``)."""
+    def down(self, gate_up):
+        """The MLP from its gate/up projection on."""
         if self.silu:
             if type(self.down_proj) is Linear:  # not replaced by a quantization method
-                return silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias,
-                                       prefetch=prefetch)
+                return silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
             return self.down_proj(silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
@@ -124,7 +110,7 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, kv_cache, metadata):
         return self.attend(self.qkv_proj(x), rope, kv_cache, metadata)
 
-    def attend(self, qkv, rope, kv_cache, metadata, prefetch: tuple[torch.Tensor, ...] = ()):
+    def attend(self, qkv, rope, kv_cache, metadata):
         """Attention from the qkv projection on, through o_proj; ``rope`` is the step's
         (cos, sin, by_position): rows (``RotaryEmbedding.cos_sin``), or with by_position
         whole tables for a backend that reads them itself (``RotaryInputs.by_position``)."""
@@ -146,10 +132,7 @@ class SelfAttention(nn.Module):
         else:
             q, k = rotary(q, k, (cos, sin), qk_norm=qk_norm)
             o = self.attn.forward(q, k, v, kv_cache, metadata)
-        o = o.reshape(t, self.num_heads * self.head_dim)
-        if prefetch and type(self.o_proj) is Linear:
-            return self.o_proj(o, prefetch)
-        return self.o_proj(o)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):
@@ -161,23 +144,19 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, residual, rope, kv_cache, metadata, mlp_sum=None, ids=None,
-                next_layer: DecoderLayer | None = None):
+    def forward(self, x, residual, rope, kv_cache, metadata, mlp_sum=None, ids=None):
         """Returns (this layer's MLP output, the residual stream before it); the next norm
         adds them, so each add is fused into a norm (and at decode each norm into the
         projection after it).  ``mlp_sum``: (this layer's float32 sum, the previous
         layer's) where the one-launch MLP may run (``fused_ops.norm_mlp``): the output is
         then that float32 sum, which the next norm rounds.  ``ids`` (the first layer): x is
         the embedding table and the input its rows ``ids``, gathered inside the first
-        projection where it can (``fused_ops.rms_norm_linear``).  ``next_layer``: the layer
-        after this one, whose weights this one's GEMVs may pull into L2 (``_prefetch``)."""
-        attn, mlp = self.self_attn, self.mlp
-        nxt = next_layer.self_attn if next_layer is not None else None
-        qkv, residual = _norm_then_project(
-            self.input_layernorm, attn.qkv_proj, x, residual, ids,
-            _prefetch("qkv", attn.o_proj, mlp.gate_up_proj))
-        h = attn.attend(qkv, rope, kv_cache, metadata, _prefetch("o", mlp.down_proj))
-        norm = self.post_attention_layernorm
+        projection where it can (``fused_ops.rms_norm_linear``)."""
+        attn = self.self_attn
+        qkv, residual = _norm_then_project(self.input_layernorm, attn.qkv_proj, x, residual,
+                                           ids)
+        h = attn.attend(qkv, rope, kv_cache, metadata)
+        mlp, norm = self.mlp, self.post_attention_layernorm
         if (mlp_sum is not None and mlp.silu and type(mlp.gate_up_proj) is Linear
                 and type(mlp.down_proj) is Linear and mlp.gate_up_proj.bias is None
                 and mlp.down_proj.bias is None
@@ -186,21 +165,17 @@ class DecoderLayer(nn.Module):
             residual = norm_mlp(h, residual, norm.weight, norm.eps, mlp.gate_up_proj.weight,
                                 mlp.down_proj.weight, out, zero)
             return out, residual
-        gate_up, residual = _norm_then_project(
-            norm, mlp.gate_up_proj, h, residual,
-            prefetch=_prefetch("gate_up", nxt.qkv_proj) if nxt is not None else ())
-        return mlp.down(gate_up, _prefetch("down", nxt.o_proj) if nxt is not None else ()), \
-            residual
+        gate_up, residual = _norm_then_project(self.post_attention_layernorm,
+                                               self.mlp.gate_up_proj, h, residual)
+        return self.mlp.down(gate_up), residual
 
 
-def _norm_then_project(norm: RMSNorm, proj: nn.Module, x, residual, ids=None,
-                       prefetch: tuple[torch.Tensor, ...] = ()):
+def _norm_then_project(norm: RMSNorm, proj: nn.Module, x, residual, ids=None):
     """(proj(norm(x + residual)), x + residual), with x alone when residual is None; with
-    ``ids``, x is the embedding table and its rows ``ids`` stand for x; ``prefetch``: see
-    ``Linear``."""
+    ``ids``, x is the embedding table and its rows ``ids`` stand for x."""
     if type(proj) is Linear:  # not replaced by a quantization method: one fused op
         return rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias,
-                               ids=ids, prefetch=prefetch)
+                               ids=ids)
     if ids is not None:
         x = F.embedding(ids, x)
     if residual is None:
@@ -315,14 +290,12 @@ class DecoderForCausalLM(nn.Module):
                     False)
         residual = None
         sums = self._mlp_sums(table, input_ids.shape[0])
-        layers = self.model.layers
-        for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches)):
+        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
             # Layer i adds into sum i and zeroes sum i - 1 (the last one, at layer 0), which
             # the norm after it has read: every sum is zero again when its turn comes.
             x, residual = layer(x, residual, rope, kv_cache, metadata,
                                 None if sums is None else (sums[i], sums[i - 1]),
-                                ids=input_ids if i == 0 else None,
-                                next_layer=layers[i + 1] if i + 1 < len(layers) else None)
+                                ids=input_ids if i == 0 else None)
         return self.model.norm(x, residual)[0]
 
     def _mlp_sums(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:

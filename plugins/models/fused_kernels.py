@@ -153,32 +153,6 @@ def _gemv_dot(x, w, M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DOT: tl.cons
 
 
 @triton.jit
-def _l2_prefetch(pid, pf0_addr, pf0_bytes, pf1_addr, pf1_bytes, lane_bytes,
-                 LANES: tl.constexpr, THREADS: tl.constexpr):
-    """Ask L2 to fetch this program's share of two byte ranges (later kernels' weights),
-    ``lane_bytes`` (a multiple of 16) per lane, ``LANES`` lanes a program, the ranges
-    laid end to end: one bulk prefetch per lane and range, none where a lane's share is
-    empty.  A hint: it changes no result, and no register waits for it.  The vector spans
-    the program's ``THREADS`` threads, one element each, and lanes past ``LANES`` ask for
-    nothing: a shorter vector would be replicated over threads, each copy a prefetch."""
-    t = tl.arange(0, THREADS)
-    off = (pid.to(tl.int64) * LANES + t) * lane_bytes
-    size0 = tl.minimum(tl.maximum(pf0_bytes - off, 0), lane_bytes)
-    size0 = tl.where(t < LANES, size0, 0).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $3, 0; "
-        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r,r", [pf0_addr + off, size0, size0], dtype=tl.int32, is_pure=False, pack=1)
-    start1 = tl.maximum(off - pf0_bytes, 0)
-    end1 = tl.minimum(off + lane_bytes - pf0_bytes, pf1_bytes)
-    size1 = tl.where(t < LANES, tl.maximum(end1 - start1, 0), 0).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $3, 0; "
-        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r,r", [pf1_addr + start1, size1, size1], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     norm_w_ptr, r_ptr, r_out_ptr, stride_rm, eps, ids_ptr,
@@ -186,9 +160,6 @@ def gemv_kernel(
     NORM_RES: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr, ROW_DOT: tl.constexpr = False, GATHER: tl.constexpr = 0,
-    pf0_addr=0, pf0_bytes=0, pf1_addr=0, pf1_bytes=0, pf_lane_bytes=16,
-    PREFETCH: tl.constexpr = 0, PF_LANES: tl.constexpr = 8, PF_THREADS: tl.constexpr = 128,
-    BLOCKS: tl.constexpr = 1,
 ):
     """out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for a few rows M: each program streams
     BLOCK_N rows of the weight once and serves every row of x with them.
@@ -211,19 +182,10 @@ def gemv_kernel(
     copied in before the graph began and the table is a weight, so both are read before
     the PDL wait, and the gather costs no kernel and no time.  GATHER 1 reads the ids
     after the wait (eager steps: the kernel just before may have written them).
-
-    BLOCKS (ONE_TILE only, 1-4): a program serves BLOCKS blocks of BLOCK_N weight rows,
-    every block requested before the PDL wait, the input (and its norm) computed once: at
-    a grid of a few programs per SM the whole weight is in flight as the kernel starts,
-    where a grid of many programs streams it in waves, each a DRAM round trip.
-
-    PREFETCH (CUDA sm90+ only; see ``_l2_prefetch``): the programs also pull two byte
-    ranges, later kernels' weights, into L2: 1 before the PDL wait, 2 right after it, when
-    this kernel's own weight is already in flight and the kernel before has finished.
     """
     pid = tl.program_id(0)
     dtype = out_ptr.dtype.element_ty
-    rn = pid * (BLOCK_N * BLOCKS) + tl.arange(0, BLOCK_N)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, M_PAD)
     n_mask = rn < N
     m_mask = rm < M
@@ -231,31 +193,19 @@ def gemv_kernel(
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     r_rows = r_ptr + rm.to(tl.int64)[:, None] * stride_rm
     rk = tl.arange(0, BLOCK_K)
-    w = _gemv_weight_tile(w_rows, rk, n_mask, K, EVEN_K)
-    # The program's further blocks (BLOCKS > 1), BLOCK_N rows apart.
-    if BLOCKS > 1:
-        w1 = _gemv_weight_tile(w_rows + BLOCK_N * stride_wn, rk, rn + BLOCK_N < N, K, EVEN_K)
-    if BLOCKS > 2:
-        w2 = _gemv_weight_tile(w_rows + 2 * BLOCK_N * stride_wn, rk, rn + 2 * BLOCK_N < N, K,
-                               EVEN_K)
-    if BLOCKS > 3:
-        w3 = _gemv_weight_tile(w_rows + 3 * BLOCK_N * stride_wn, rk, rn + 3 * BLOCK_N < N, K,
-                               EVEN_K)
+    if EVEN_K:
+        w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None], other=0.0)
+    else:
+        w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
     if GATHER == 2:
         ids = tl.load(ids_ptr + rm, mask=m_mask, other=0).to(tl.int64)
         x_rows = x_ptr + ids[:, None] * stride_xm
         if ONE_TILE:
             x_gathered = _gemv_input(x_rows, r_rows, rk, m_mask[:, None] & (rk < K)[None, :],
                                      False, dtype)
-    if PREFETCH == 1:
-        _l2_prefetch(pid, pf0_addr, pf0_bytes, pf1_addr, pf1_bytes, pf_lane_bytes, PF_LANES,
-                     PF_THREADS)
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
-    if PREFETCH == 2:
-        _l2_prefetch(pid, pf0_addr, pf0_bytes, pf1_addr, pf1_bytes, pf_lane_bytes, PF_LANES,
-                     PF_THREADS)
     if GATHER == 1:
         ids = tl.load(ids_ptr + rm, mask=m_mask, other=0).to(tl.int64)
         x_rows = x_ptr + ids[:, None] * stride_xm
@@ -274,15 +224,6 @@ def gemv_kernel(
             scale = tl.math.rsqrt(tl.sum(x * x, axis=1) / K + eps)[:, None]
         x = _gemv_prologue(x, x_rows, rk, x_mask, norm_w_ptr, scale, K, SILU_MUL, NORM, dtype)
         acc = _gemv_dot(x, w, M_PAD, BLOCK_K, ROW_DOT)
-        if BLOCKS > 1:
-            _gemv_store(_gemv_dot(x, w1, M_PAD, BLOCK_K, ROW_DOT), rn + BLOCK_N, rm, m_mask,
-                        b_ptr, out_ptr, N, stride_om, HAS_BIAS)
-        if BLOCKS > 2:
-            _gemv_store(_gemv_dot(x, w2, M_PAD, BLOCK_K, ROW_DOT), rn + 2 * BLOCK_N, rm,
-                        m_mask, b_ptr, out_ptr, N, stride_om, HAS_BIAS)
-        if BLOCKS > 3:
-            _gemv_store(_gemv_dot(x, w3, M_PAD, BLOCK_K, ROW_DOT), rn + 3 * BLOCK_N, rm,
-                        m_mask, b_ptr, out_ptr, N, stride_om, HAS_BIAS)
     else:
         scale = 1.0
         if NORM:
@@ -312,25 +253,10 @@ def gemv_kernel(
                                dtype)
             acc += _gemv_dot(x, w, M_PAD, BLOCK_K, ROW_DOT)
             w = w_next
-    _gemv_store(acc, rn, rm, m_mask, b_ptr, out_ptr, N, stride_om, HAS_BIAS)
-
-
-@triton.jit
-def _gemv_weight_tile(w_rows, rk, n_mask, K, EVEN_K: tl.constexpr):
-    """The [BLOCK_N, BLOCK_K] weight tile at rows ``w_rows``, columns ``rk`` (zero past N, K)."""
-    if EVEN_K:
-        return tl.load(w_rows + rk[None, :], mask=n_mask[:, None], other=0.0)
-    return tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
-
-
-@triton.jit
-def _gemv_store(acc, rn, rm, m_mask, b_ptr, out_ptr, N, stride_om, HAS_BIAS: tl.constexpr):
-    """Add the bias to the [M_PAD, BLOCK_N] float32 result for rows ``rn`` and store it."""
-    n_mask = rn < N
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(out, acc.to(dtype), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit

@@ -175,72 +175,6 @@ _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 GEMV_GATHER = os.environ.get("PAGEDLLM_GEMV_GATHER", "1") == "1"
 
 
-# Weight-row blocks per one-tile GEMV program (the kernel's BLOCKS): a product of more
-# blocks than about GEMV_BLOCKS_TARGET programs gives each program up to four, all in
-# flight as it starts (kinds GEMV_BLOCKS_KINDS: "plain", "norm", "silu").
-# PAGEDLLM_GEMV_BLOCKS_TARGET (0: one block a program) and PAGEDLLM_GEMV_BLOCKS_KINDS set
-# them, for benchmarking.
-GEMV_BLOCKS_TARGET = int(os.environ.get("PAGEDLLM_GEMV_BLOCKS_TARGET", 0))
-GEMV_BLOCKS_KINDS = frozenset(os.environ.get("PAGEDLLM_GEMV_BLOCKS_KINDS", "norm").split(","))
-
-
-def _blocks_per_program(num_blocks: int, kind: str, tile_elements: int) -> int:
-    """The GEMV's BLOCKS for a one-tile product of ``num_blocks`` row blocks, each tile
-    ``tile_elements`` big: the program's tiles together within ONE_TILE_MAX_ELEMENTS (past
-    it they spill: ptxas for sm90, 16 x 1024 tiles, four a program)."""
-    if GEMV_BLOCKS_TARGET <= 0 or kind not in GEMV_BLOCKS_KINDS:
-        return 1
-    cap = max(1, min(4, ONE_TILE_MAX_ELEMENTS // tile_elements))
-    return max(1, min(cap, round(num_blocks / GEMV_BLOCKS_TARGET)))
-
-
-# L2 prefetch of later kernels' weights by a decode GEMV (``_gemv``'s ``prefetch``), so
-# DRAM stays busy while latency-bound kernels (attention, the hand-over between kernels)
-# leave it idle.  The sites (the decoder wires them): "qkv" pulls o_proj's and gate_up's
-# weights (read after attention), "o" down_proj's, "gate_up" the next layer's qkv, "down"
-# the next layer's o_proj.  PAGEDLLM_L2_PREFETCH sets the sites ("" none), ..._WHEN
-# "before" or "after" the PDL wait, ..._LANES the bulk prefetches a program issues.
-L2_PREFETCH_SITES = frozenset(
-    x for x in os.environ.get("PAGEDLLM_L2_PREFETCH", "").split(",") if x)
-L2_PREFETCH_WHEN = {"before": 1, "after": 2}[os.environ.get("PAGEDLLM_L2_PREFETCH_WHEN",
-                                                            "after")]
-L2_PREFETCH_LANES = int(os.environ.get("PAGEDLLM_L2_PREFETCH_LANES", 8))
-
-
-def _l2_prefetchable(t: torch.Tensor, device: torch.device) -> bool:
-    """A tensor a GEMV on ``device`` may pull into L2: contiguous on that device, 16-byte
-    aligned and sized (the bulk prefetch's unit), on sm90 or later (its instruction)."""
-    nbytes = t.numel() * t.element_size()
-    return (device.type == "cuda" and t.device == device and t.is_contiguous()
-            and nbytes % 16 == 0 and t.data_ptr() % 16 == 0
-            and _sm90(device.index if device.index is not None
-                      else torch.cuda.current_device()))
-
-
-@functools.cache
-def _sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def _prefetch_args(prefetch: tuple[torch.Tensor, ...], grid: int, warps: int,
-                   device: torch.device, interpreted: bool) -> dict:
-    """The GEMV's prefetch arguments for up to two tensors (none that cannot be)."""
-    ts = [t for t in prefetch if t is not None and _l2_prefetchable(t, device)] \
-        if prefetch and not interpreted else []
-    if not ts:
-        return {}
-    if len(ts) > 2:
-        raise ValueError(f"prefetch: {len(ts)} tensors, at most 2")
-    ts = ts + [ts[0]] * (2 - len(ts))
-    b0 = ts[0].numel() * ts[0].element_size()
-    b1 = ts[1].numel() * ts[1].element_size() if ts[1] is not ts[0] else 0
-    lanes = min(L2_PREFETCH_LANES, 32 * warps)
-    lane_bytes = -(-(b0 + b1) // (grid * lanes * 16)) * 16
-    return dict(pf0_addr=ts[0].data_ptr(), pf0_bytes=b0, pf1_addr=ts[1].data_ptr(),
-                pf1_bytes=b1, pf_lane_bytes=lane_bytes, PREFETCH=L2_PREFETCH_WHEN,
-                PF_LANES=lanes, PF_THREADS=32 * warps)
-
-
 # A program's weight slab up to this many elements is one tile (``ONE_TILE``): all of it is
 # requested at once, before the PDL wait, and a norm prologue reads x once.
 ONE_TILE_MAX_ELEMENTS = int(os.environ.get("PAGEDLLM_GEMV_ONE_TILE_MAX_ELEMENTS", 32768))
@@ -251,24 +185,25 @@ GEMV_MAXNREG = int(os.environ.get("PAGEDLLM_GEMV_MAXNREG", 0)) or None
 # Warps per GEMV program (None: ``gemv_config``'s); PAGEDLLM_GEMV_WARPS, for benchmarking.
 GEMV_WARPS = int(os.environ.get("PAGEDLLM_GEMV_WARPS", 0)) or None
 # One-row products multiply in the weight tile's own layout (the kernel's ROW_DOT, see
-# ``_gemv_dot``) where that was measured to win: 4-warp programs without the SiLU prologue.
+# ``_gemv_dot``) where that was measured to win: 4-warp programs without the SiLU prologue,
+# and with it at two weight rows a program (``SILU_ROW_DOT_MAX_BLOCK_N``).
 # On the H200 (W2 Qwen3-0.6B, device time per step, 2026-12-02): 0.774 ms without ROW_DOT,
 # 0.762 with it on the plain products (o_proj, lm_head), 0.725 on the normed ones (qkv,
-# gate_up), 0.719 on both; but 0.926 on the SiLU one (down_proj) alone.  The 8-warp
+# gate_up), 0.719 on both; but 0.926 on the SiLU one (down_proj) alone, at 8 rows (ptxas
+# for sm90: 255 registers and 376 bytes of spills; 159 and none at 2 rows).  The 8-warp
 # programs of 4096-wide models were not measured, so they keep the [M, N, K] product.
 # PAGEDLLM_GEMV_ROW_DOT ("plain,norm,silu", any subset, or "none") sets the kinds, for
-# benchmarking, and then at any warp count.
+# benchmarking, and then at any warp count and row count.
 ROW_DOT_KINDS = frozenset(os.environ.get("PAGEDLLM_GEMV_ROW_DOT", "plain,norm").split(","))
 ROW_DOT_WARPS = 4 if "PAGEDLLM_GEMV_ROW_DOT" not in os.environ else None  # None: any
+SILU_ROW_DOT_MAX_BLOCK_N = 2 if "PAGEDLLM_GEMV_ROW_DOT" not in os.environ else 0
 
 
 # Weight rows per one-tile program by kind ("silu=2,norm=8": down_proj 2, normed 8; unset:
 # ``gemv_config``'s).  PAGEDLLM_GEMV_BLOCK_N sets it, for benchmarking.
 BLOCK_N_BY_KIND = {kind: int(n) for kind, n in (
     item.split("=") for item in os.environ.get("PAGEDLLM_GEMV_BLOCK_N", "").split(",") if item)}
-
-
-# Warps per one-tile program by kind ("silu=8": down_proj's; unset: ``gemv_config``'s).
+# Warps per one-tile program by kind ("silu=8"; unset: ``gemv_config``'s).
 # PAGEDLLM_GEMV_WARPS_BY_KIND sets it, for benchmarking.
 WARPS_BY_KIND = {kind: int(n) for kind, n in (
     item.split("=") for item in os.environ.get("PAGEDLLM_GEMV_WARPS_BY_KIND", "").split(",")
@@ -279,25 +214,28 @@ def _kind(silu_mul: bool, norm: bool) -> str:
     return "silu" if silu_mul else "norm" if norm else "plain"
 
 
-def _row_dot(m_pad: int, warps: int, silu_mul: bool, norm: bool) -> bool:
+def _row_dot(m_pad: int, warps: int, silu_mul: bool, norm: bool, block_n: int = 8) -> bool:
     kind = _kind(silu_mul, norm)
-    return (m_pad == 1 and kind in ROW_DOT_KINDS
+    return (m_pad == 1 and (kind in ROW_DOT_KINDS
+                            or (silu_mul and block_n <= SILU_ROW_DOT_MAX_BLOCK_N))
             and (ROW_DOT_WARPS is None or warps == ROW_DOT_WARPS))
 
 
-def gemv_config(n: int, k: int, m_pad: int, normed: bool = False
+def gemv_config(n: int, k: int, m_pad: int, normed: bool = False, silu: bool = False
                 ) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [m_pad, k] x [n, k]^T product
-    (``normed``: with the RMSNorm prologue).
+    (``normed``: with the RMSNorm prologue; ``silu``: with the SiLU-and-mul one).
 
     Where a program's slab fits ``ONE_TILE_MAX_ELEMENTS`` it is one tile of 16 weight rows
     (8 under 4096 outputs or with the norm prologue, fewer where K is long), four warps
-    (eight for 4096-deep slabs of wide weights): a few fat programs per SM.  Normed products
-    take 8 rows since the in-model measurement (H200, W2 Qwen3-0.6B device time per step,
-    2026-12-02, two calls): 0.620 and 0.621 ms against 0.629 and 0.630 with 16, where qkv
-    and gate_up (4096 and 6144 outputs, K 1024) had 16.  A gain within run-to-run spread:
-    the final call of that session measured 0.633 with 8 rows, and its timeline had
-    gate_up at 6.3 us against 6.0 with 16 rows in an earlier call.  Llama-8B's K of 4096
+    (eight for 4096-deep slabs of wide weights): a few fat programs per SM.  At one row,
+    the SiLU product (down_proj) takes 2 rows, and normed products with K up to 2048 take
+    4 (in-model, H200, W2 Qwen3-0.6B device time per step, 2026-12-02, one call: 0.622 ms
+    at 8 and 8 rows, 0.601 with down_proj at 2 rows, 0.597 with qkv and gate_up at 4 too;
+    down_proj at 2 rows repeated 0.601 in another call; down_proj at 1 row 0.622, at 2
+    rows and 8 warps 0.612; at 8 rows and 8 warps, which spill nothing, 0.616).  Before
+    that, normed products took 8 rows over 16 (0.620 and 0.621 against 0.629 and 0.630,
+    within run-to-run spread).  Llama-8B's K of 4096
     (``--sweep``): 8 rows, 8 warps, best or within 0.5 us of it on qkv, gate_up and lm_head.
     From ``python -m pagedllm.bench.gemv --sweep`` on the H200 with PDL (2026-12-01), the
     best or within 0.1 us of it on every Qwen3-0.6B layer: qkv 3.1 us (was 5.0 with two
@@ -309,7 +247,12 @@ def gemv_config(n: int, k: int, m_pad: int, normed: bool = False
     """
     k_pad = _next_pow2(k)
     if _one_tile(k, m_pad):
-        block_n = 16 if n >= 4096 and not normed else 8
+        if m_pad == 1 and silu:
+            block_n = 2
+        elif m_pad == 1 and normed and k_pad <= 2048:
+            block_n = 4
+        else:
+            block_n = 16 if n >= 4096 and not normed else 8
         while block_n > 1 and block_n * m_pad * k_pad > ONE_TILE_MAX_ELEMENTS:
             block_n //= 2
         return block_n, k_pad, 8 if k_pad >= 4096 and n >= 4096 else 4, 1
@@ -341,11 +284,9 @@ def _gemv_applies(x2: torch.Tensor, weight: torch.Tensor) -> bool:
 def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
           interpreted: bool, config: tuple[int, int, int, int] | None = None,
           norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-          ids: torch.Tensor | None = None, prefetch: tuple[torch.Tensor, ...] = ()
-          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+          ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x2 @ weight^T + bias, the new residual stream when ``residual`` is given, or the
-    gathered rows ``x2[ids]`` when ``ids`` is: then x2 is a table, see the kernel's GATHER).
-    ``prefetch``: up to two tensors (later kernels' weights) to pull into L2 meanwhile."""
+    gathered rows ``x2[ids]`` when ``ids`` is: then x2 is a table, see the kernel's GATHER)."""
     m = x2.shape[0] if ids is None else ids.shape[0]
     n, k = weight.shape
     # The weight's dtype: x2 may be a float32 sum (norm_mlp) beside a half residual.
@@ -355,7 +296,8 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
     if m == 0:
         return out, r_out
     m_pad = _next_pow2(m)
-    block_n, block_k, warps, stages = config or gemv_config(n, k, m_pad, norm is not None)
+    block_n, block_k, warps, stages = config or gemv_config(n, k, m_pad, norm is not None,
+                                                            silu_mul)
     warps = GEMV_WARPS or warps
     if config is None and block_k >= k:
         block_n = BLOCK_N_BY_KIND.get(_kind(silu_mul, norm is not None), block_n)
@@ -364,11 +306,7 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
         block_k = min(block_k, max(64, _next_pow2(k) if k <= 128 else 64))
     norm_w, eps = norm if norm is not None else (weight, 0.0)
     r = residual if residual is not None else x2
-    num_blocks = -(-n // block_n)
-    blocks = _blocks_per_program(num_blocks, _kind(silu_mul, norm is not None),
-                                 block_n * m_pad * block_k) if block_k >= k else 1
-    grid = -(-num_blocks // blocks)
-    _kernels().gemv_kernel[(grid,)](
+    _kernels().gemv_kernel[(-(-n // block_n),)](
         x2, weight, bias if bias is not None else weight, out, m, n, k,
         x2.stride(0), weight.stride(0), out.stride(0),
         norm_w, r, r_out if r_out is not None else out, r.stride(0), eps,
@@ -376,9 +314,8 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None,
         NORM_RES=residual is not None, EVEN_K=k % block_k == 0, ONE_TILE=block_k >= k,
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(x2), num_warps=warps,
-        num_stages=stages, ROW_DOT=_row_dot(m_pad, warps, silu_mul, norm is not None),
-        **({"maxnreg": GEMV_MAXNREG} if GEMV_MAXNREG else {}),
-        BLOCKS=blocks, **_prefetch_args(prefetch, grid, warps, x2.device, interpreted))
+        num_stages=stages, ROW_DOT=_row_dot(m_pad, warps, silu_mul, norm is not None, block_n),
+        **({"maxnreg": GEMV_MAXNREG} if GEMV_MAXNREG else {}))
     return out, r_out
 
 
@@ -392,22 +329,20 @@ def _gather_mode(ids: torch.Tensor | None, one_tile: bool) -> int:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           force: bool = False, prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+           force: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; few-row bf16/fp16 products on CUDA (or any with
-    ``force``) run as the Triton GEMV, which pulls ``prefetch`` into L2 on the way."""
+    ``force``) run as the Triton GEMV."""
     k = weight.shape[1]
     x2 = x.reshape(-1, k)
     if not (force or _gemv_applies(x2, weight)):
         return F.linear(x, weight, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return _gemv(x2, weight, bias, False, force and not x.is_cuda,
-                 prefetch=prefetch)[0].view(*x.shape[:-1], -1)
+    return _gemv(x2, weight, bias, False, force and not x.is_cuda)[0].view(*x.shape[:-1], -1)
 
 
 def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None, force: bool = False,
-                    prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, force: bool = False) -> torch.Tensor:
     """``F.linear(silu_and_mul(gate_up), weight, bias)``; on the GEMV path the activation is
     computed inside the product, one kernel instead of two."""
     n = gate_up.shape[-1] // 2
@@ -416,15 +351,13 @@ def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
         return F.linear(silu_and_mul(gate_up), weight, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return _gemv(x2, weight, bias, True, force and not gate_up.is_cuda,
-                 prefetch=prefetch)[0].view(
+    return _gemv(x2, weight, bias, True, force and not gate_up.is_cuda)[0].view(
         *gate_up.shape[:-1], -1)
 
 
 def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                     eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    force: bool = False, ids: torch.Tensor | None = None,
-                    prefetch: tuple[torch.Tensor, ...] = ()
+                    force: bool = False, ids: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.linear(rms_norm(x + residual), weight, bias)`` and the new residual stream
     ``x + residual`` (x itself when ``residual`` is None).  On the GEMV path the norm and the
@@ -439,21 +372,20 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
         if not (residual is None and ids.dim() == 1 and k <= NORM_PROLOGUE_MAX_K
                 and (force or (gathers and _gemv_applies(x[:1], weight)))):
             return rms_norm_linear(F.embedding(ids, x), None, norm_weight, eps, weight, bias,
-                                   force, prefetch=prefetch)
+                                   force)
         return _gemv(x.contiguous(), weight, bias, False, force and not x.is_cuda,
-                     norm=(norm_weight, eps), ids=ids.contiguous(), prefetch=prefetch)
+                     norm=(norm_weight, eps), ids=ids.contiguous())
     x2 = x.reshape(-1, k)
     # A float32 x (a norm_mlp sum) goes in as it is where the GEMV takes the residual.
     like = residual.reshape(-1, k) if residual is not None and x.dtype != residual.dtype \
         else x2
     if not (force or (k <= NORM_PROLOGUE_MAX_K and _gemv_applies(like, weight))):
         h, new_residual = rms_norm(x, norm_weight, eps, residual, force=force)
-        return (linear(h, weight, bias, prefetch=prefetch),
-                x if residual is None else new_residual)
+        return linear(h, weight, bias), (x if residual is None else new_residual)
     x2 = x2.contiguous()
     r2 = residual.reshape(-1, k).contiguous() if residual is not None else None
     out, r_out = _gemv(x2, weight, bias, False, force and not x.is_cuda,
-                       norm=(norm_weight, eps), residual=r2, prefetch=prefetch)
+                       norm=(norm_weight, eps), residual=r2)
     return (out.view(*x.shape[:-1], -1),
             x if residual is None else r_out.view(residual.shape))
 
