@@ -233,7 +233,8 @@ def gemv_config(n: int, k: int, m_pad: int, normed: bool = False, silu: bool = F
     4 (in-model, H200, W2 Qwen3-0.6B device time per step, 2026-12-02, one call: 0.622 ms
     at 8 and 8 rows, 0.601 with down_proj at 2 rows, 0.597 with qkv and gate_up at 4 too;
     down_proj at 2 rows repeated 0.601 in another call; down_proj at 1 row 0.622, at 2
-    rows and 8 warps 0.612; at 8 rows and 8 warps, which spill nothing, 0.616).  Before
+    rows and 8 warps 0.612; at 8 rows and 8 warps, which spill nothing, 0.616; these
+    defaults measured 0.597 again in a later call, TPOT 0.614 against 0.633).  Before
     that, normed products took 8 rows over 16 (0.620 and 0.621 against 0.629 and 0.630,
     within run-to-run spread).  Llama-8B's K of 4096
     (``--sweep``): 8 rows, 8 warps, best or within 0.5 us of it on qkv, gate_up and lm_head.
