@@ -153,6 +153,13 @@ def _gemv_dot(x, w, M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DOT: tl.cons
 
 
 @triton.jit
+def _gathered_rows(x_ptr, ids_ptr, rm, m_mask, stride_xm):
+    """[M_PAD, 1] pointers to the table rows ``ids[rm]`` (row 0 for padding rows)."""
+    ids = tl.load(ids_ptr + rm, mask=m_mask, other=0).to(tl.int64)
+    return x_ptr + ids[:, None] * stride_xm
+
+
+@triton.jit
 def gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     norm_w_ptr, r_ptr, r_out_ptr, stride_rm, eps, ids_ptr,
@@ -198,8 +205,7 @@ def gemv_kernel(
     else:
         w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
     if GATHER == 2:
-        ids = tl.load(ids_ptr + rm, mask=m_mask, other=0).to(tl.int64)
-        x_rows = x_ptr + ids[:, None] * stride_xm
+        x_rows = _gathered_rows(x_ptr, ids_ptr, rm, m_mask, stride_xm)
         if ONE_TILE:
             x_gathered = _gemv_input(x_rows, r_rows, rk, m_mask[:, None] & (rk < K)[None, :],
                                      False, dtype)
@@ -207,8 +213,7 @@ def gemv_kernel(
         gdc_wait()
         gdc_launch_dependents()
     if GATHER == 1:
-        ids = tl.load(ids_ptr + rm, mask=m_mask, other=0).to(tl.int64)
-        x_rows = x_ptr + ids[:, None] * stride_xm
+        x_rows = _gathered_rows(x_ptr, ids_ptr, rm, m_mask, stride_xm)
     if ONE_TILE:
         x_mask = m_mask[:, None] & (rk < K)[None, :]
         if GATHER == 2:

@@ -299,10 +299,11 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
     m_pad = _next_pow2(m)
     block_n, block_k, warps, stages = config or gemv_config(n, k, m_pad, norm is not None,
                                                             silu_mul)
-    warps = GEMV_WARPS or warps
     if config is None and block_k >= k:
-        block_n = BLOCK_N_BY_KIND.get(_kind(silu_mul, norm is not None), block_n)
-        warps = GEMV_WARPS or WARPS_BY_KIND.get(_kind(silu_mul, norm is not None), warps)
+        kind = _kind(silu_mul, norm is not None)
+        block_n = BLOCK_N_BY_KIND.get(kind, block_n)
+        warps = WARPS_BY_KIND.get(kind, warps)
+    warps = GEMV_WARPS or warps
     if interpreted:  # the interpreter's cost grows with tile size
         block_k = min(block_k, max(64, _next_pow2(k) if k <= 128 else 64))
     norm_w, eps = norm if norm is not None else (weight, 0.0)
