@@ -30,9 +30,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "argmax) and print each kernel's incremental cost")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None, help="overlap host and device (default: on for CUDA)")
-    parser.add_argument("--ablate", choices=["attention"], default=None,
-                        help="profiling aid: skip the attention kernels (the tokens are then "
-                             "meaningless), so the TPOT difference is their cost in the step")
+    parser.add_argument("--ablate", choices=["attention", "combine"], default=None,
+                        help="profiling aid: skip the attention kernels, or (triton backend, "
+                             "per-head decode) only their partitions' combine; the tokens are "
+                             "then meaningless, and the TPOT difference is the part's cost")
 
 
 def _sync(device) -> None:
@@ -132,6 +133,10 @@ def run(args) -> None:
 
     if args.ablate == "attention":
         _skip_attention()
+    elif args.ablate == "combine":
+        from pagedllm.plugins.attention.triton_backend import TritonAttentionBackend
+
+        TritonAttentionBackend.decode_ablate_combine = True
     llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,
               attention_backend=args.attention_backend, max_num_seqs=8,
               enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)

@@ -160,6 +160,8 @@ class TritonAttentionBackend(AttentionBackend):
     decode_head_programs_per_sm = int(os.environ.get("PAGEDLLM_DECODE_HEAD_PROGRAMS_PER_SM", 4))
     decode_head_warps = int(os.environ.get("PAGEDLLM_DECODE_HEAD_WARPS", 1))
     decode_head_min_partition: int | None = None  # None: one tile (a test sets more)
+    # Profiling only (``bench latency --ablate combine``): partitions never combined.
+    decode_ablate_combine = False
 
     @classmethod
     def supports(cls, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -398,7 +400,7 @@ class TritonAttentionBackend(AttentionBackend):
                 *args, ONE_SPLIT=splits == 1, DENSE=dense, GROUP=self.group,
                 HEAD_DIM=self.head_dim, BLOCK_SIZE=key_cache.shape[1],
                 BLOCK_N=self.decode_head_block_n, **launch, num_warps=self.decode_head_warps,
-                num_stages=1)
+                num_stages=1, **({"COMBINE": False} if self.decode_ablate_combine else {}))
             return
         k.decode_kernel[(nd, self.num_kv_heads, splits)](
             *args, ONE_SPLIT=splits == 1, DENSE=dense,

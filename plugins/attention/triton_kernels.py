@@ -390,6 +390,9 @@ def decode_head_kernel(
     ONE_SPLIT: tl.constexpr, DENSE: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_PDL: tl.constexpr,
+    # False only in a profiling run (``bench latency --ablate combine``): the partials are
+    # stored and never combined, so the output is garbage and the step shows the combine's cost.
+    COMBINE: tl.constexpr = True,
 ):
     """``decode_kernel`` for small batches: one program = one decode sequence x one *query*
     head x one partition, meant for one warp.  Every reduction (scores over head_dim,
@@ -465,8 +468,8 @@ def decode_head_kernel(
             tl.store(part_l_ptr + row + split, l_i)
             tl.store(part_out_ptr + (row + split) * HEAD_DIM + d[None, :], o)
             used = tl.cdiv(seq_len, partition_size)
-            if _last_to_finish(counter_ptr + i * tl.num_programs(1) + head, seq_len,
-                               partition_size):
+            if COMBINE and _last_to_finish(counter_ptr + i * tl.num_programs(1) + head,
+                                           seq_len, partition_size):
                 m_run = tl.max(tl.full([1], float("-inf"), tl.float32), axis=0)
                 w_sum = tl.sum(tl.zeros([1], tl.float32), axis=0)
                 comb = tl.zeros([HEAD_DIM], tl.float32)
