@@ -10,13 +10,15 @@ The contract for every kernel launched with ``launch_pdl=True``:
 
 - it calls ``gdc_wait()`` before it reads anything its predecessor may have written
   (activations, the KV cache, scratch buffers), and writes nothing before it;
-- it calls ``gdc_launch_dependents()`` only after that wait, so at most one kernel runs
-  ahead of the one it depends on.
-
-So when a kernel starts, every kernel before its predecessor has finished: before its wait
-it may read weights and what was written two or more kernels back (the decode kernel reads
-the step's metadata, copied in before the step's first kernel, the step's rotary tables,
-and the cached keys and values of earlier steps so).
+- it calls ``gdc_launch_dependents()`` (the trigger that lets the next kernel start) once
+  that wait has returned, so at most one kernel runs ahead of the one it depends on, or,
+  with ``PAGEDLLM_PDL=early`` (``USE_PDL == 2``, a benchmark setting), as its first act;
+- before its wait it reads only what no kernel of the step writes: weights, the step's
+  metadata (copied in before the step's first kernel), whole rotary tables, and the cached
+  keys and values of earlier steps.  With the early trigger a kernel may start while any
+  number of kernels before it still run (as many as fit on the GPU), so this is all it
+  may read.  Whatever a kernel reads after its wait, every kernel before it has finished
+  writing (each finished only after its own wait).
 
 Kernels launched without PDL (torch's, cuBLAS's) wait for their predecessor as usual, so
 PDL and plain kernels mix freely in one stream and in CUDA graphs.
@@ -47,6 +49,21 @@ def pdl_enabled(device: torch.device) -> bool:
         return False
     return _cuda_enabled(device.index if device.index is not None
                          else torch.cuda.current_device())
+
+
+def pdl_mode(device: torch.device) -> int:
+    """The kernels' ``USE_PDL`` for ``device``: 0 without PDL, 1 with the trigger after the
+    wait (the default), 2 with it at the kernel's start (``PAGEDLLM_PDL=early``)."""
+    if not pdl_enabled(device):
+        return 0
+    return 2 if os.environ.get("PAGEDLLM_PDL", "1").strip().lower() in ("2", "early") else 1
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch keywords for a kernel that keeps the contract above: its ``USE_PDL``
+    constexpr and Triton's ``launch_pdl``."""
+    mode = pdl_mode(device)
+    return {"USE_PDL": mode, "launch_pdl": mode > 0}
 
 
 @functools.cache

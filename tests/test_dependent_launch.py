@@ -36,3 +36,15 @@ def test_on_for_hopper_and_later():
     want = (torch.cuda.get_device_capability()[0] >= 9 and _triton_has_gdc()
             and os.environ.get("PAGEDLLM_PDL", "1") != "0")
     assert pdl_enabled(device) == want
+
+
+@pytest.mark.parametrize("setting,mode", [("1", 1), ("early", 2), ("2", 2)])
+def test_trigger_placement_by_environment(monkeypatch, setting, mode):
+    # Where PDL is on, PAGEDLLM_PDL=early moves the kernels' trigger to their start
+    # (USE_PDL 2); off (the CPU here), every setting launches without PDL.
+    import pagedllm.dependent_launch as dl
+
+    monkeypatch.setenv("PAGEDLLM_PDL", setting)
+    assert dl.pdl_launch(torch.device("cpu")) == {"USE_PDL": 0, "launch_pdl": False}
+    monkeypatch.setattr(dl, "pdl_enabled", lambda device: True)
+    assert dl.pdl_launch(torch.device("cpu")) == {"USE_PDL": mode, "launch_pdl": True}

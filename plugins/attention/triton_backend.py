@@ -32,7 +32,7 @@ import torch
 
 from pagedllm import hookimpl
 from pagedllm.attention import AttentionBackend, AttentionMetadata, RotaryInputs
-from pagedllm.dependent_launch import pdl_enabled
+from pagedllm.dependent_launch import pdl_launch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PLAN_ATTR = "_triton_attention_plans"  # per-step launch plans, cached on the metadata
@@ -308,8 +308,7 @@ class TritonAttentionBackend(AttentionBackend):
         cb, cs, ch = key_cache.stride(0), key_cache.stride(1), key_cache.stride(2)
         dot_fp32 = k.INTERPRETED or key_cache.dtype == torch.float32
         dot = dict(DOT_FP32=dot_fp32, DOT_PRECISION="ieee" if dot_fp32 else "tf32")
-        pdl = pdl_enabled(query.device)
-        launch = dict(USE_PDL=pdl, launch_pdl=pdl)
+        launch = pdl_launch(query.device)
 
         block_m, block_n, warps, stages = self._prefill_config(key_cache.dtype)
         if k.INTERPRETED:  # the interpreter's cost grows with tile size: fit it to the batch

@@ -61,9 +61,12 @@ def write_kv_kernel(
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     KVH_PAD: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
+        gdc_launch_dependents()
     if USE_PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if USE_PDL == 1:
+            gdc_launch_dependents()
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.arange(0, KVH_PAD * HEAD_DIM)  # (kv head, dim) flattened
     h = c // HEAD_DIM
@@ -81,21 +84,30 @@ def write_kv_kernel(
 
 
 @triton.jit
-def _rope_rows(ptr, row_off, row_ok, d, cos, sin, norm_w_ptr, eps, qk_norm,
-               HEAD_DIM: tl.constexpr):
-    """Rows ``ptr + row_off`` ([rows, HEAD_DIM]) rotated as ``RotaryInputs`` defines, in
-    float32 holding values rounded to the input's dtype (as ``fused_ops.rotary`` rounds)."""
-    dtype = ptr.dtype.element_ty
+def _rows_and_partners(ptr, row_off, row_ok, d, rope, HEAD_DIM: tl.constexpr):
+    """Rows ``ptr + row_off`` ([rows, HEAD_DIM]) and, with ``rope``, their rotate-half
+    partners (else zeros).  Only loads: a kernel issues all of its post-wait loads (q, the
+    new key and value) before it uses any, so they cost one round trip, not one each."""
     half: tl.constexpr = HEAD_DIM // 2
     partner = (d + half) % HEAD_DIM  # rotate_half(x)[d] = -x[d + half] or x[d - half]
     x = tl.load(ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
-    xp = tl.load(ptr + row_off[:, None] + partner[None, :], mask=row_ok[:, None], other=0.0)
+    rotate = (d * 0 + rope) != 0
+    xp = tl.load(ptr + row_off[:, None] + partner[None, :],
+                 mask=row_ok[:, None] & rotate[None, :], other=0.0)
+    return x, xp
+
+
+@triton.jit
+def _rotate(x, xp, d, cos, sin, w, wp, eps, qk_norm, HEAD_DIM: tl.constexpr):
+    """Rows ``x`` (partners ``xp``, ``_rows_and_partners``) rotated as ``RotaryInputs``
+    defines, with ``qk_norm`` RMS-normed first (weights ``w``, partners ``wp``), in float32
+    holding values rounded to x's dtype (as ``fused_ops.rotary`` rounds)."""
+    dtype = x.dtype
+    half: tl.constexpr = HEAD_DIM // 2
     x = x.to(tl.float32)
     xp = xp.to(tl.float32)
-    if qk_norm != 0:
+    if qk_norm:
         s = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
-        w = tl.load(norm_w_ptr + d).to(tl.float32)[None, :]
-        wp = tl.load(norm_w_ptr + partner).to(tl.float32)[None, :]
         x = (w * (x * s).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         xp = (wp * (xp * s).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     sign = tl.where(d < half, -1.0, 1.0)[None, :]
@@ -153,35 +165,42 @@ def _decode_partition(i, seq_ids_ptr, seq_lens_ptr, query_start_ptr, DENSE: tl.c
 
 
 @triton.jit
-def _rope_cos_sin(cos_ptr, sin_ptr, rope, tok, seq_len, stride_ct, d):
-    """The decode token's cos and sin rows ([1, HEAD_DIM] float32; nothing read without
-    rotary): row ``tok`` of per-token tables, or with ``rope & 4`` (``RotaryInputs
-    .by_position``) row ``seq_len - 1``, its position, of tables over positions."""
+def _rope_inputs(cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, rope, tok, seq_len, stride_ct, d,
+                 HEAD_DIM: tl.constexpr):
+    """What rotating the decode token's q and k takes that no kernel of the step writes,
+    so it is read before the PDL wait: its cos and sin rows ([1, HEAD_DIM] float32) -- row
+    ``tok`` of per-token tables, or with ``rope & 4`` (``RotaryInputs.by_position``) row
+    ``seq_len - 1``, its position, of tables over positions -- and with q/k norms
+    (``rope & 3 == 2``) their weights and the weights' rotate-half partners (float32).
+    Nothing is read that ``rope`` does not use (zeros instead)."""
+    half: tl.constexpr = HEAD_DIM // 2
     row = tl.where((rope & 4) != 0, seq_len - 1, tok).to(tl.int64)
-    has_rope = (d * 0 + rope) != 0  # masks that read nothing without rotary
+    has_rope = (d * 0 + rope) != 0
     cos = tl.load(cos_ptr + row * stride_ct + d, mask=has_rope, other=0.0)[None, :]
     sin = tl.load(sin_ptr + row * stride_ct + d, mask=has_rope, other=0.0)[None, :]
-    return cos, sin
+    has_norm = (d * 0 + (rope & 3)) == 2
+    partner = (d + half) % HEAD_DIM
+    wq = tl.load(q_norm_ptr + d, mask=has_norm, other=0.0).to(tl.float32)[None, :]
+    wqp = tl.load(q_norm_ptr + partner, mask=has_norm, other=0.0).to(tl.float32)[None, :]
+    wk = tl.load(k_norm_ptr + d, mask=has_norm, other=0.0).to(tl.float32)[None, :]
+    wkp = tl.load(k_norm_ptr + partner, mask=has_norm, other=0.0).to(tl.float32)[None, :]
+    return cos, sin, wq, wqp, wk, wkp
 
 
 @triton.jit
-def _new_token_kv(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, tok, kv_head, slot, d,
-                  cos, sin, k_norm_ptr, norm_eps, rope,
-                  stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
+def _new_token_kv(kx, kxp, vx, k_cache_ptr, v_cache_ptr, kv_head, slot, d, cos, sin, wk, wkp,
+                  norm_eps, rope, stride_cb, stride_cs, stride_ch,
                   BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
     """The step's new key ([1, HEAD_DIM], rotated with ``rope``) and value ([HEAD_DIM]) of one
-    KV head, in the cache's dtype, straight from the step's key/value; stored at ``slot``
-    unless it is negative (no write_kv, graph padding, or another program's job).  No
-    store is read back, so no barrier."""
+    KV head, in the cache's dtype, from its rows as loaded (``kx``, ``kxp``, ``vx``);
+    stored at ``slot`` unless it is negative (no write_kv, graph padding, or another
+    program's job).  No store is read back, so no barrier."""
     if rope != 0:
-        one = tl.arange(0, 1)
-        k_new = _rope_rows(key_ptr + tok * stride_kt, one * 0 + kv_head * stride_kh,
-                           one == 0, d, cos, sin, k_norm_ptr, norm_eps, (rope & 3) == 2, HEAD_DIM)
+        k_new = _rotate(kx, kxp, d, cos, sin, wk, wkp, norm_eps, (rope & 3) == 2, HEAD_DIM)
     else:
-        k_new = tl.load(key_ptr + tok * stride_kt + kv_head * stride_kh + d)[None, :]
+        k_new = kx
     k_new = k_new.to(k_cache_ptr.dtype.element_ty)
-    v_new = tl.load(value_ptr + tok * stride_vt + kv_head * stride_vh + d
-                    ).to(v_cache_ptr.dtype.element_ty)
+    v_new = vx.to(v_cache_ptr.dtype.element_ty)
     if slot >= 0:
         dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
             + kv_head * stride_ch + d
@@ -218,7 +237,7 @@ def decode_kernel(
     # 1: q and k arrive unrotated (RotaryInputs): rotate them here; 2: with q/k norms.
     # Runtime values, not constexprs, for the reason write_kv is one: mixed steps (rope 0)
     # and decode-only ones (rope 1 or 2) then share one compiled variant.  + 4: cos/sin
-    # are tables over positions (RotaryInputs.by_position), see _rope_cos_sin.
+    # are tables over positions (RotaryInputs.by_position), see _rope_inputs.
     rope,
     cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, norm_eps, stride_ct,  # rope only
     scale,
@@ -231,6 +250,8 @@ def decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
+        gdc_launch_dependents()
     i = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -246,10 +267,11 @@ def decode_kernel(
         d = tl.arange(0, HEAD_DIM)
         heads = kv_head * GROUP + g
         row_ok = g < GROUP
-        cos, sin = _rope_cos_sin(cos_ptr, sin_ptr, rope, tok, seq_len, stride_ct, d)
+        cos, sin, wq, wqp, wk, wkp = _rope_inputs(cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr,
+                                                  rope, tok, seq_len, stride_ct, d, HEAD_DIM)
         last = seq_len - 1  # the step's new token; this partition holds it if last < end
-        slot = tl.load(slot_ptr + tok, mask=(write_kv != 0) & (last < end), other=-1
-                       ).to(tl.int64)
+        has_new = last < end
+        slot = tl.load(slot_ptr + tok, mask=(write_kv != 0) & has_new, other=-1).to(tl.int64)
         table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
         head_off = kv_head * stride_ch
         # The new token never comes from the cache (it comes from key/value below), so
@@ -261,13 +283,21 @@ def decode_kernel(
                               stride_cb, stride_cs, BLOCK_SIZE)
         if USE_PDL:
             gdc_wait()
-            gdc_launch_dependents()
+            if USE_PDL == 1:
+                gdc_launch_dependents()
+        # Every load that had to wait, at once: q, and the new token's key and value
+        # where this partition holds it.
+        qx, qxp = _rows_and_partners(q_ptr + tok * stride_qt, heads * stride_qh, row_ok, d,
+                                     rope, HEAD_DIM)
+        one = tl.arange(0, 1)
+        kx, kxp = _rows_and_partners(key_ptr + tok * stride_kt, one * 0 + kv_head * stride_kh,
+                                     one < has_new.to(tl.int32), d, rope, HEAD_DIM)
+        vx = tl.load(value_ptr + tok * stride_vt + kv_head * stride_vh + d,
+                     mask=d < has_new.to(tl.int32) * HEAD_DIM, other=0.0)
         if rope != 0:
-            q = _rope_rows(q_ptr + tok * stride_qt, heads * stride_qh, row_ok, d, cos, sin,
-                           q_norm_ptr, norm_eps, (rope & 3) == 2, HEAD_DIM)
+            q = _rotate(qx, qxp, d, cos, sin, wq, wqp, norm_eps, (rope & 3) == 2, HEAD_DIM)
         else:
-            q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                        mask=row_ok[:, None], other=0.0)
+            q = qx
         q = q.to(k_cache_ptr.dtype.element_ty)  # as the reference does
         if DOT_FP32:
             q = q.to(tl.float32)
@@ -276,14 +306,13 @@ def decode_kernel(
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        if last < end:
+        if has_new:
             # The new token, straight from the step's key/value (rotated here with rope):
             # its score and value open this partition's softmax, and with write_kv it is
             # stored in the cache for later steps.
             k_new, v_new = _new_token_kv(
-                key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, tok, kv_head, slot, d, cos, sin,
-                k_norm_ptr, norm_eps, rope, stride_kt, stride_kh, stride_vt, stride_vh,
-                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HEAD_DIM)
+                kx, kxp, vx, k_cache_ptr, v_cache_ptr, kv_head, slot, d, cos, sin, wk, wkp,
+                norm_eps, rope, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HEAD_DIM)
             m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * qk_scale
             l_i += 1.0
             acc += v_new.to(tl.float32)[None, :]
@@ -402,6 +431,8 @@ def decode_head_kernel(
     (the second read hits L2): at small batches the step is latency-bound, not DRAM-bound.
     Same arguments, rounding and partial/combine protocol as ``decode_kernel``, with the
     counters per (sequence, query head); no tl.dot, so float32 needs no special case."""
+    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
+        gdc_launch_dependents()
     i = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
@@ -412,11 +443,13 @@ def decode_head_kernel(
         end = tl.minimum(start + partition_size, seq_len)
         d = tl.arange(0, HEAD_DIM)
         one = tl.arange(0, 1)
-        cos, sin = _rope_cos_sin(cos_ptr, sin_ptr, rope, tok, seq_len, stride_ct, d)
+        cos, sin, wq, wqp, wk, wkp = _rope_inputs(cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr,
+                                                  rope, tok, seq_len, stride_ct, d, HEAD_DIM)
         last = seq_len - 1
+        has_new = last < end
         # Only the group's first head stores the new token's K/V (all of them compute it).
-        slot = tl.load(slot_ptr + tok, mask=(write_kv != 0) & (last < end)
-                       & (head % GROUP == 0), other=-1).to(tl.int64)
+        slot = tl.load(slot_ptr + tok, mask=(write_kv != 0) & has_new & (head % GROUP == 0),
+                       other=-1).to(tl.int64)
         table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
         head_off = kv_head * stride_ch
         old_end = tl.minimum(end, last)
@@ -424,24 +457,30 @@ def decode_head_kernel(
                                    head_off, stride_cb, stride_cs, BLOCK_SIZE, BLOCK_N)
         if USE_PDL:
             gdc_wait()
-            gdc_launch_dependents()
-        q_row = q_ptr + tok * stride_qt
+            if USE_PDL == 1:
+                gdc_launch_dependents()
+        # q and (its partition's) new key and value in one round of loads, as in
+        # decode_kernel: the new token's partition no longer waits a second round trip.
+        qx, qxp = _rows_and_partners(q_ptr + tok * stride_qt, one * 0 + head * stride_qh,
+                                     one == 0, d, rope, HEAD_DIM)
+        kx, kxp = _rows_and_partners(key_ptr + tok * stride_kt, one * 0 + kv_head * stride_kh,
+                                     one < has_new.to(tl.int32), d, rope, HEAD_DIM)
+        vx = tl.load(value_ptr + tok * stride_vt + kv_head * stride_vh + d,
+                     mask=d < has_new.to(tl.int32) * HEAD_DIM, other=0.0)
         if rope != 0:
-            q = _rope_rows(q_row, one * 0 + head * stride_qh, one == 0, d, cos, sin,
-                           q_norm_ptr, norm_eps, (rope & 3) == 2, HEAD_DIM)
+            q = _rotate(qx, qxp, d, cos, sin, wq, wqp, norm_eps, (rope & 3) == 2, HEAD_DIM)
         else:
-            q = tl.load(q_row + head * stride_qh + d)[None, :]
+            q = qx
         q = q.to(k_cache_ptr.dtype.element_ty).to(tl.float32)  # [1, HEAD_DIM]
         qk_scale = scale * LOG2E
 
         m_i = tl.max(tl.full([1], float("-inf"), tl.float32), axis=0)
         l_i = tl.sum(tl.zeros([1], tl.float32), axis=0)
         acc = tl.zeros([1, HEAD_DIM], tl.float32)
-        if last < end:
+        if has_new:
             k_new, v_new = _new_token_kv(
-                key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, tok, kv_head, slot, d, cos, sin,
-                k_norm_ptr, norm_eps, rope, stride_kt, stride_kh, stride_vt, stride_vh,
-                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HEAD_DIM)
+                kx, kxp, vx, k_cache_ptr, v_cache_ptr, kv_head, slot, d, cos, sin, wk, wkp,
+                norm_eps, rope, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HEAD_DIM)
             m_i = tl.sum(tl.sum(q * k_new.to(tl.float32), axis=1), axis=0) * qk_scale
             l_i = l_i + 1.0
             acc += v_new.to(tl.float32)[None, :]
@@ -505,11 +544,14 @@ def prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
+        gdc_launch_dependents()
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     if USE_PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if USE_PDL == 1:
+            gdc_launch_dependents()
     seq = tl.load(tile_seq_ptr + tile)
     q0 = tl.load(tile_start_ptr + tile)  # first query token of this tile, within the sequence
     q_begin = tl.load(query_start_ptr + seq)

@@ -24,6 +24,8 @@ def rms_norm_kernel(
     stride_x, stride_r, stride_o, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
@@ -31,7 +33,8 @@ def rms_norm_kernel(
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if USE_PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if USE_PDL == 1:
+            gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if x_ptr.dtype.element_ty != dtype:  # a float32 sum (norm_mlp): round it as it was
         x = x.to(dtype).to(tl.float32)
@@ -79,11 +82,14 @@ def rotary_kernel(
     """Rotates token t's q and k heads in place by its row of the step's cos/sin tables
     ([tokens, 2 * HALF] float32, the two halves equal), which torch computed once per step
     exactly as the reference computes them, rather than once per layer here."""
+    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     f = tl.arange(0, HALF)
     if USE_PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if USE_PDL == 1:
+            gdc_launch_dependents()
     cos = tl.load(cos_ptr + t * stride_ct + f).to(tl.float32)[None, :]
     sin = tl.load(sin_ptr + t * stride_ct + f).to(tl.float32)[None, :]
     hq = tl.arange(0, NQ_PAD)[:, None]
@@ -97,11 +103,14 @@ def rotary_kernel(
 @triton.jit
 def silu_and_mul_kernel(x_ptr, out_ptr, n, stride_x, stride_o, BLOCK: tl.constexpr,
                         USE_PDL: tl.constexpr):
+    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     if USE_PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if USE_PDL == 1:
+            gdc_launch_dependents()
     mask = cols < n
     dtype = out_ptr.dtype.element_ty
     g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -190,6 +199,8 @@ def gemv_kernel(
     the PDL wait, and the gather costs no kernel and no time.  GATHER 1 reads the ids
     after the wait (eager steps: the kernel just before may have written them).
     """
+    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     dtype = out_ptr.dtype.element_ty
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -211,7 +222,8 @@ def gemv_kernel(
                                      False, dtype)
     if USE_PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if USE_PDL == 1:
+            gdc_launch_dependents()
     if GATHER == 1:
         x_rows = _gathered_rows(x_ptr, ids_ptr, rm, m_mask, stride_xm)
     if ONE_TILE:
@@ -270,12 +282,15 @@ def argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, n, stride_x, BLOCK: tl.conste
     """Stage 1 of a row's argmax: program (row, p) writes the max of its BLOCK columns (as
     float32) and the first column holding it; where the columns hold a NaN (the maximum,
     as in ``torch.argmax``, above +inf too), the first NaN's column c as -c - 1."""
+    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     cols = p * BLOCK + tl.arange(0, BLOCK)
     if USE_PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if USE_PDL == 1:
+            gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=float("-inf"))
     x = x.to(tl.float32)
     nan = x != x
@@ -293,11 +308,14 @@ def argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, parts, BLOCK: tl.constexpr,
                          USE_PDL: tl.constexpr):
     """Stage 2: each row's argmax from its ``parts`` partials (ties: the first column; a
     negative index is its chunk's first NaN, and chunks are in column order)."""
+    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, BLOCK)
     if USE_PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if USE_PDL == 1:
+            gdc_launch_dependents()
     ok = p < parts
     v = tl.load(val_ptr + row * parts + p, mask=ok, other=float("-inf"))
     i = tl.load(idx_ptr + row * parts + p, mask=ok, other=2147483647)
@@ -323,6 +341,8 @@ def norm_mlp_kernel(
     unfused down_proj rounds its output.  Every other rounding is the unfused ops'.
     Program 0 writes the residual stream x + r to ``r_out``; the programs together zero
     ``zero`` (the previous layer's sum, read by now) for a later layer to add into."""
+    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     dtype = r_out_ptr.dtype.element_ty
     k = tl.arange(0, H_PAD)
@@ -337,7 +357,8 @@ def norm_mlp_kernel(
                  mask=k_ok[:, None] & (j < I)[None, :], other=0.0)  # [H_PAD, J]
     if USE_PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if USE_PDL == 1:
+            gdc_launch_dependents()
     zk = pid * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
     tl.store(zero_ptr + zk, tl.zeros([ZERO_BLOCK], tl.float32), mask=zk < H)
     x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)

@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from pagedllm.dependent_launch import pdl_enabled
+from pagedllm.dependent_launch import pdl_launch
 
 
 @functools.cache
@@ -43,8 +43,7 @@ def _next_pow2(n: int) -> int:
 
 def _pdl(x: torch.Tensor) -> dict:
     """The launch arguments for programmatic dependent launch (see dependent_launch)."""
-    on = pdl_enabled(x.device)
-    return {"USE_PDL": on, "launch_pdl": on}
+    return pdl_launch(x.device)
 
 
 # ---- RMSNorm --------------------------------------------------------------------------------
