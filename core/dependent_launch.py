@@ -51,18 +51,23 @@ def pdl_enabled(device: torch.device) -> bool:
                          else torch.cuda.current_device())
 
 
-def pdl_mode(device: torch.device) -> int:
+def pdl_mode(device: torch.device, kind: str | None = None) -> int:
     """The kernels' ``USE_PDL`` for ``device``: 0 without PDL, 1 with the trigger after the
-    wait (the default), 2 with it at the kernel's start (``PAGEDLLM_PDL=early``)."""
+    wait (the default), 2 with it at the kernel's start: every kernel with
+    ``PAGEDLLM_PDL=early``, or those of the kinds ``PAGEDLLM_PDL_EARLY`` lists (``kind``:
+    ``plain``, ``norm`` or ``silu`` for the GEMVs, ``attention``); benchmark settings."""
     if not pdl_enabled(device):
         return 0
-    return 2 if os.environ.get("PAGEDLLM_PDL", "1").strip().lower() in ("2", "early") else 1
+    if os.environ.get("PAGEDLLM_PDL", "1").strip().lower() in ("2", "early"):
+        return 2
+    early = os.environ.get("PAGEDLLM_PDL_EARLY", "").replace(" ", "").split(",")
+    return 2 if kind is not None and kind in early else 1
 
 
-def pdl_launch(device: torch.device) -> dict:
+def pdl_launch(device: torch.device, kind: str | None = None) -> dict:
     """Launch keywords for a kernel that keeps the contract above: its ``USE_PDL``
     constexpr and Triton's ``launch_pdl``."""
-    mode = pdl_mode(device)
+    mode = pdl_mode(device, kind)
     return {"USE_PDL": mode, "launch_pdl": mode > 0}
 
 

@@ -48,3 +48,13 @@ def test_trigger_placement_by_environment(monkeypatch, setting, mode):
     assert dl.pdl_launch(torch.device("cpu")) == {"USE_PDL": 0, "launch_pdl": False}
     monkeypatch.setattr(dl, "pdl_enabled", lambda device: True)
     assert dl.pdl_launch(torch.device("cpu")) == {"USE_PDL": mode, "launch_pdl": True}
+
+
+def test_early_trigger_by_kind(monkeypatch):
+    import pagedllm.dependent_launch as dl
+
+    monkeypatch.setenv("PAGEDLLM_PDL_EARLY", "plain,attention")
+    monkeypatch.setattr(dl, "pdl_enabled", lambda device: True)
+    cpu = torch.device("cpu")
+    assert [dl.pdl_mode(cpu, kind) for kind in ("plain", "attention", "norm", None)] == [
+        2, 2, 1, 1]

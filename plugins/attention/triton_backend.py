@@ -308,7 +308,7 @@ class TritonAttentionBackend(AttentionBackend):
         cb, cs, ch = key_cache.stride(0), key_cache.stride(1), key_cache.stride(2)
         dot_fp32 = k.INTERPRETED or key_cache.dtype == torch.float32
         dot = dict(DOT_FP32=dot_fp32, DOT_PRECISION="ieee" if dot_fp32 else "tf32")
-        launch = pdl_launch(query.device)
+        launch = pdl_launch(query.device, "attention")
 
         block_m, block_n, warps, stages = self._prefill_config(key_cache.dtype)
         if k.INTERPRETED:  # the interpreter's cost grows with tile size: fit it to the batch

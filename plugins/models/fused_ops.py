@@ -41,9 +41,9 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _pdl(x: torch.Tensor) -> dict:
+def _pdl(x: torch.Tensor, kind: str | None = None) -> dict:
     """The launch arguments for programmatic dependent launch (see dependent_launch)."""
-    return pdl_launch(x.device)
+    return pdl_launch(x.device, kind)
 
 
 # ---- RMSNorm --------------------------------------------------------------------------------
@@ -314,7 +314,8 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sil
         ids if ids is not None else x2, GATHER=_gather_mode(ids, block_k >= k),
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None,
         NORM_RES=residual is not None, EVEN_K=k % block_k == 0, ONE_TILE=block_k >= k,
-        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, **_pdl(x2), num_warps=warps,
+        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k,
+        **_pdl(x2, _kind(silu_mul, norm is not None)), num_warps=warps,
         num_stages=stages, ROW_DOT=_row_dot(m_pad, warps, silu_mul, norm is not None, block_n),
         **({"maxnreg": GEMV_MAXNREG} if GEMV_MAXNREG else {}))
     return out, r_out
