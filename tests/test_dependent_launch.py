@@ -58,3 +58,16 @@ def test_early_trigger_by_kind(monkeypatch):
     cpu = torch.device("cpu")
     assert [dl.pdl_mode(cpu, kind) for kind in ("plain", "attention", "norm", None)] == [
         2, 2, 1, 1]
+
+
+def test_attention_triggers_early_by_default(monkeypatch):
+    import pagedllm.dependent_launch as dl
+
+    monkeypatch.delenv("PAGEDLLM_PDL_EARLY", raising=False)
+    monkeypatch.delenv("PAGEDLLM_PDL", raising=False)
+    monkeypatch.setattr(dl, "pdl_enabled", lambda device: True)
+    cpu = torch.device("cpu")
+    assert [dl.pdl_mode(cpu, kind) for kind in ("attention", "plain", "norm", "silu")] == [
+        2, 1, 1, 1]
+    monkeypatch.setenv("PAGEDLLM_PDL_EARLY", "")
+    assert dl.pdl_mode(cpu, "attention") == 1
