@@ -308,7 +308,7 @@ class TritonAttentionBackend(AttentionBackend):
         cb, cs, ch = key_cache.stride(0), key_cache.stride(1), key_cache.stride(2)
         dot_fp32 = k.INTERPRETED or key_cache.dtype == torch.float32
         dot = dict(DOT_FP32=dot_fp32, DOT_PRECISION="ieee" if dot_fp32 else "tf32")
-        launch = pdl_launch(query.device, "attention")
+        launch = pdl_launch(query.device)
 
         block_m, block_n, warps, stages = self._prefill_config(key_cache.dtype)
         if k.INTERPRETED:  # the interpreter's cost grows with tile size: fit it to the batch
@@ -395,6 +395,9 @@ class TritonAttentionBackend(AttentionBackend):
             self.scale, *strides,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1))
         if per_head:
+            # Its dependents (o_proj's GEMV at batch 1) may launch at its start
+            # (dependent_launch.EARLY_TRIGGER_KINDS): measured for this kernel only.
+            launch = pdl_launch(query.device, "attention")
             k.decode_head_kernel[(nd, self.num_heads, splits)](
                 *args, ONE_SPLIT=splits == 1, DENSE=dense, GROUP=self.group,
                 HEAD_DIM=self.head_dim, BLOCK_SIZE=key_cache.shape[1],
