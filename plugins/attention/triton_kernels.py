@@ -210,6 +210,69 @@ def _new_token_kv(kx, kxp, vx, k_cache_ptr, v_cache_ptr, kv_head, slot, d, cos, 
 
 
 @triton.jit
+def _rope_rows(ptr, row_off, row_ok, d, cos, sin, norm_w_ptr, eps, qk_norm,
+               HEAD_DIM: tl.constexpr):
+    """Rows ``ptr + row_off`` ([rows, HEAD_DIM]) rotated as ``RotaryInputs`` defines, in
+    float32 holding values rounded to the input's dtype (as ``fused_ops.rotary`` rounds)."""
+    dtype = ptr.dtype.element_ty
+    half: tl.constexpr = HEAD_DIM // 2
+    partner = (d + half) % HEAD_DIM  # rotate_half(x)[d] = -x[d + half] or x[d - half]
+    x = tl.load(ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    xp = tl.load(ptr + row_off[:, None] + partner[None, :], mask=row_ok[:, None], other=0.0)
+    x = x.to(tl.float32)
+    xp = xp.to(tl.float32)
+    if qk_norm != 0:
+        s = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+        w = tl.load(norm_w_ptr + d).to(tl.float32)[None, :]
+        wp = tl.load(norm_w_ptr + partner).to(tl.float32)[None, :]
+        x = (w * (x * s).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        xp = (wp * (xp * s).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    sign = tl.where(d < half, -1.0, 1.0)[None, :]
+    o = (x * cos).to(dtype).to(tl.float32) + (sign * xp * sin).to(dtype).to(tl.float32)
+    return o.to(dtype)
+
+
+@triton.jit
+def _rope_cos_sin(cos_ptr, sin_ptr, rope, tok, seq_len, stride_ct, d):
+    """The decode token's cos and sin rows ([1, HEAD_DIM] float32; nothing read without
+    rotary): row ``tok`` of per-token tables, or with ``rope & 4`` (``RotaryInputs
+    .by_position``) row ``seq_len - 1``, its position, of tables over positions."""
+    row = tl.where((rope & 4) != 0, seq_len - 1, tok).to(tl.int64)
+    has_rope = (d * 0 + rope) != 0  # masks that read nothing without rotary
+    cos = tl.load(cos_ptr + row * stride_ct + d, mask=has_rope, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + row * stride_ct + d, mask=has_rope, other=0.0)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def _load_new_token_kv(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, tok, kv_head, slot, d,
+                  cos, sin, k_norm_ptr, norm_eps, rope,
+                  stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
+                  BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``decode_kernel``'s form of ``_new_token_kv``: it loads the rows itself, after q is
+    rotated (see decode_kernel on why).  The step's new key ([1, HEAD_DIM], rotated with
+    ``rope``) and value ([HEAD_DIM]) of one
+    KV head, in the cache's dtype, straight from the step's key/value; stored at ``slot``
+    unless it is negative (no write_kv, graph padding, or another program's job).  No
+    store is read back, so no barrier."""
+    if rope != 0:
+        one = tl.arange(0, 1)
+        k_new = _rope_rows(key_ptr + tok * stride_kt, one * 0 + kv_head * stride_kh,
+                           one == 0, d, cos, sin, k_norm_ptr, norm_eps, (rope & 3) == 2, HEAD_DIM)
+    else:
+        k_new = tl.load(key_ptr + tok * stride_kt + kv_head * stride_kh + d)[None, :]
+    k_new = k_new.to(k_cache_ptr.dtype.element_ty)
+    v_new = tl.load(value_ptr + tok * stride_vt + kv_head * stride_vh + d
+                    ).to(v_cache_ptr.dtype.element_ty)
+    if slot >= 0:
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
+            + kv_head * stride_ch + d
+        tl.store(k_cache_ptr + dst[None, :], k_new)
+        tl.store(v_cache_ptr + dst, v_new)
+    return k_new, v_new
+
+
+@triton.jit
 def _last_to_finish(counter, seq_len, partition_size):
     """Whether this program is the last of its sequence's partitions to finish (their
     partials stored), counted on ``counter``, which the last one resets for the next step
@@ -237,7 +300,7 @@ def decode_kernel(
     # 1: q and k arrive unrotated (RotaryInputs): rotate them here; 2: with q/k norms.
     # Runtime values, not constexprs, for the reason write_kv is one: mixed steps (rope 0)
     # and decode-only ones (rope 1 or 2) then share one compiled variant.  + 4: cos/sin
-    # are tables over positions (RotaryInputs.by_position), see _rope_inputs.
+    # are tables over positions (RotaryInputs.by_position), see _rope_cos_sin.
     rope,
     cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, norm_eps, stride_ct,  # rope only
     scale,
@@ -267,11 +330,10 @@ def decode_kernel(
         d = tl.arange(0, HEAD_DIM)
         heads = kv_head * GROUP + g
         row_ok = g < GROUP
-        cos, sin, wq, wqp, wk, wkp = _rope_inputs(cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr,
-                                                  rope, tok, seq_len, stride_ct, d, HEAD_DIM)
+        cos, sin = _rope_cos_sin(cos_ptr, sin_ptr, rope, tok, seq_len, stride_ct, d)
         last = seq_len - 1  # the step's new token; this partition holds it if last < end
-        has_new = last < end
-        slot = tl.load(slot_ptr + tok, mask=(write_kv != 0) & has_new, other=-1).to(tl.int64)
+        slot = tl.load(slot_ptr + tok, mask=(write_kv != 0) & (last < end), other=-1
+                       ).to(tl.int64)
         table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
         head_off = kv_head * stride_ch
         # The new token never comes from the cache (it comes from key/value below), so
@@ -285,19 +347,15 @@ def decode_kernel(
             gdc_wait()
             if USE_PDL == 1:
                 gdc_launch_dependents()
-        # Every load that had to wait, at once: q, and the new token's key and value
-        # where this partition holds it.
-        qx, qxp = _rows_and_partners(q_ptr + tok * stride_qt, heads * stride_qh, row_ok, d,
-                                     rope, HEAD_DIM)
-        one = tl.arange(0, 1)
-        kx, kxp = _rows_and_partners(key_ptr + tok * stride_kt, one * 0 + kv_head * stride_kh,
-                                     one < has_new.to(tl.int32), d, rope, HEAD_DIM)
-        vx = tl.load(value_ptr + tok * stride_vt + kv_head * stride_vh + d,
-                     mask=d < has_new.to(tl.int32) * HEAD_DIM, other=0.0)
+        # q first, the new token's key and value after it: unlike decode_head_kernel,
+        # which requests them together, this kernel measured slower so (W6 B=128, ctx
+        # 4096, H200: 593 against 501 us).
         if rope != 0:
-            q = _rotate(qx, qxp, d, cos, sin, wq, wqp, norm_eps, (rope & 3) == 2, HEAD_DIM)
+            q = _rope_rows(q_ptr + tok * stride_qt, heads * stride_qh, row_ok, d, cos, sin,
+                           q_norm_ptr, norm_eps, (rope & 3) == 2, HEAD_DIM)
         else:
-            q = qx
+            q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                        mask=row_ok[:, None], other=0.0)
         q = q.to(k_cache_ptr.dtype.element_ty)  # as the reference does
         if DOT_FP32:
             q = q.to(tl.float32)
@@ -306,13 +364,14 @@ def decode_kernel(
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        if has_new:
+        if last < end:
             # The new token, straight from the step's key/value (rotated here with rope):
             # its score and value open this partition's softmax, and with write_kv it is
             # stored in the cache for later steps.
-            k_new, v_new = _new_token_kv(
-                kx, kxp, vx, k_cache_ptr, v_cache_ptr, kv_head, slot, d, cos, sin, wk, wkp,
-                norm_eps, rope, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HEAD_DIM)
+            k_new, v_new = _load_new_token_kv(
+                key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, tok, kv_head, slot, d, cos, sin,
+                k_norm_ptr, norm_eps, rope, stride_kt, stride_kh, stride_vt, stride_vh,
+                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HEAD_DIM)
             m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * qk_scale
             l_i += 1.0
             acc += v_new.to(tl.float32)[None, :]
