@@ -62,6 +62,46 @@ class RotaryInputs:
     by_position: bool = False
 
 
+@dataclass
+class AttentionPartials:
+    """A decode step's attention output left in partitions (``forward_partials``), for its
+    consumer (the model's o_proj) to combine on the way in.
+
+    For decode row i, query head h and partition p: ``out[i, h, p]`` is the partition's
+    softmax-weighted values (normalized within the partition), ``m[i, h, p]`` its largest
+    score and ``l[i, h, p]`` its softmax sum, scores in log2 units (``q . k * scale *
+    log2(e)``, sums of ``exp2(score - m)``).  Row i's partitions split its ``seq_lens[i]``
+    keys evenly in whole ``granule``s: partition p holds keys ``[p * size, (p + 1) * size)``
+    with ``size = cdiv(cdiv(seq_lens[i], num_splits), granule) * granule``; only the first
+    ``cdiv(seq_lens[i], size)`` are written.  The attention output of (i, h) is
+    ``sum_p exp2(m_p - M) l_p out_p / sum_p exp2(m_p - M) l_p`` over those (``M`` their
+    largest ``m``), rounded to ``dtype`` (``combine`` computes it).
+    """
+
+    out: torch.Tensor  # [rows, num_heads, num_splits, head_dim] float32
+    m: torch.Tensor  # [rows, num_heads, num_splits] float32
+    l: torch.Tensor  # noqa: E741  [rows, num_heads, num_splits] float32
+    seq_lens: torch.Tensor  # [rows] int32, on the device
+    num_splits: int
+    granule: int
+    dtype: torch.dtype
+
+    def combine(self) -> torch.Tensor:
+        """The attention output, [rows, num_heads * head_dim] in ``dtype`` (torch; the
+        reference for a consumer's fused combine)."""
+        rows, heads, splits, dim = self.out.shape
+        lens = self.seq_lens.long()
+        size = -(-(-(-lens // splits)) // self.granule) * self.granule
+        used = -(-lens // size)  # [rows]
+        ok = torch.arange(splits, device=lens.device)[None, :] < used[:, None]  # [rows, S]
+        m = self.m.masked_fill(~ok[:, None, :], float("-inf"))
+        top = m.amax(dim=-1, keepdim=True)
+        w = torch.exp2(m - top) * self.l.masked_fill(~ok[:, None, :], 0.0)
+        out = self.out.masked_fill(~ok[:, None, :, None], 0.0)  # unwritten: any bits
+        o = (out * w[..., None]).sum(dim=2) / w.sum(dim=-1, keepdim=True)
+        return o.to(self.dtype).reshape(rows, heads * dim)
+
+
 class AttentionBackend(ABC):
     """One layer's attention over the paged KV cache."""
 
@@ -114,3 +154,17 @@ class AttentionBackend(ABC):
         rotary: RotaryInputs | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
+
+    def forward_partials(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        rotary: RotaryInputs | None = None,
+    ) -> AttentionPartials | None:
+        """``forward`` for a decode-only step, its output left in partitions for the
+        model's o_proj to combine (see the hook spec); None (the base class's answer)
+        where the backend does not offer it for this step, and then nothing has run."""
+        return None

@@ -78,6 +78,14 @@ def register_attention_backends() -> list[type[AttentionBackend]]:
       step's rows (one gather kernel a step fewer).  Such a backend's ``fuses_rotary``
       says True only for decode steps (one query token a row), where that holds.
 
+    - ``forward_partials(query, key, value, kv_cache, metadata, rotary=None)`` (optional;
+      the base class returns None): for a decode-only step (one query token a row), the
+      work of ``forward`` (the step's K/V written, rotary applied as there) but the output
+      left as ``AttentionPartials``, which the model's o_proj combines as it reads them
+      (``fused_ops.combine_linear``): a backend that splits long contexts into partitions
+      then needs no combine of its own.  None means not for this step, and nothing ran;
+      under ``cuda_graph_decode`` the answer may not depend on the device tensors.
+
     Every backend must pass ``tests/test_attention_conformance.py`` against the ``torch``
     reference backend.
     """

@@ -148,22 +148,42 @@ def test_cuda_graph_logits_equal_eager(tmp_path, lengths, graph_batch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_one_launch_mlp_keeps_the_tokens(tmp_path, monkeypatch):
-    """``PAGEDLLM_FUSED_MLP``'s one-launch MLP at batch 1 (its down_proj a float32 sum in no
-    fixed order, rounded once, as the unfused one rounds its own) gives the unfused MLP's
-    greedy tokens, bar the rare near-tie that another summation order flips."""
+def _greedy_with_and_without(tmp_path, monkeypatch, flag: str, seed: int, max_num_seqs: int,
+                             buffers: str) -> dict[bool, list[list[int]]]:
+    """Greedy tokens of 8 prompts on the tiny bf16 Qwen3 with ``fused_ops.<flag>`` off and
+    on; each run also checks that the model made its float32 sums (``buffers``) only when
+    on."""
     from pagedllm.plugins.models import fused_ops
 
     build_tiny_model("qwen3", tmp_path)
     prompts = [{"prompt_token_ids": p} for p in random_prompts([4 + 5 * i for i in range(8)],
-                                                               seed=8)]
+                                                               seed=seed)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     runs = {}
     for fused in (False, True):
-        monkeypatch.setattr(fused_ops, "FUSED_MLP", fused)
+        monkeypatch.setattr(fused_ops, flag, fused)
         llm = LLM(model=str(tmp_path), device="cuda", dtype="bfloat16", num_kv_blocks=256,
-                  attention_backend="triton", max_num_seqs=1)
+                  attention_backend="triton", max_num_seqs=max_num_seqs)
         runs[fused] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
                                                                     use_tqdm=False)]
-        assert (llm.engine.model.mlp_sum_buffers is not None) == fused
+        assert (getattr(llm.engine.model, buffers) is not None) == fused
+        assert llm.engine.runner.num_graph_steps > 20
+    return runs
+
+
+def test_one_launch_mlp_keeps_the_tokens(tmp_path, monkeypatch):
+    """``PAGEDLLM_FUSED_MLP``'s one-launch MLP at batch 1 (its down_proj a float32 sum in no
+    fixed order, rounded once, as the unfused one rounds its own) gives the unfused MLP's
+    greedy tokens, bar the rare near-tie that another summation order flips."""
+    runs = _greedy_with_and_without(tmp_path, monkeypatch, "FUSED_MLP", 8, 1, "mlp_sum_buffers")
+    assert sum(a == b for a, b in zip(runs[False], runs[True])) >= 6
+
+
+def test_o_proj_over_attention_partials_keeps_the_tokens(tmp_path, monkeypatch):
+    """``PAGEDLLM_FUSED_O_PROJ``: small decode batches leave attention in partitions and
+    o_proj combines them (a float32 sum of the heads' shares in no fixed order, rounded
+    once, as the unfused o_proj rounds its own): the unfused greedy tokens, bar the rare
+    near-tie that another summation order flips."""
+    runs = _greedy_with_and_without(tmp_path, monkeypatch, "FUSED_O_PROJ", 9, 4,
+                                    "o_proj_sum_buffers")
     assert sum(a == b for a, b in zip(runs[False], runs[True])) >= 6

@@ -316,6 +316,66 @@ def test_decode_only_step_applies_rotary_inside_the_decode_kernel(split, qk_norm
 
 
 @needs_kernels
+@needs_kernels
+@pytest.mark.parametrize("split", [False, True], ids=["one-partition", "split"])
+def test_attention_partials_combine_to_the_output_and_feed_o_proj(split):
+    # forward_partials does forward's work (the same K/V written) but leaves each head's
+    # attention in partitions; combined they are forward's output, and combine_linear (o_proj
+    # over them) equals combining first and multiplying, into a float32 sum that it adds
+    # to, zeroing the buffer it is given on the way.
+    from pagedllm.plugins.models import fused_ops
+
+    seqs = [(13, 1), (0, 1), (40, 1)]
+    heads, kv_heads, dim, dtype = 4, 2, 32, torch.bfloat16
+    q, k, v, cache, md = make_step(seqs, heads, kv_heads, dim, 4, dtype, DEVICE, seed=11)
+    be = TritonAttentionBackend(heads, kv_heads, dim, dim**-0.5)
+    for name, value in (split_tune("per-head", 8) if split else dict(
+            DECODE_KERNELS["per-head"], decode_head_min_partition=10**6)).items():
+        setattr(be, name, value)
+    want_cache = cache.clone()
+    want = be.forward(q, k, v, want_cache, md)
+    got_cache = cache.clone()
+    parts = be.forward_partials(q, k, v, got_cache, md)
+    assert parts is not None and parts.out.shape == (3, heads, parts.num_splits, dim)
+    assert (parts.num_splits > 1) == split
+    assert torch.equal(got_cache, want_cache)
+    combined = parts.combine()
+    assert combined.dtype == dtype
+    torch.testing.assert_close(combined.float(), want.reshape(3, -1).float(),
+                               atol=1e-2, rtol=1e-2)  # the same sums in another order
+    gen = torch.Generator(device=DEVICE).manual_seed(12)
+    w = torch.randn(24, heads * dim, generator=gen, device=DEVICE).to(dtype)
+    sums = torch.zeros(4, 24, dtype=torch.float32, device=DEVICE)
+    zero = torch.full((2, 24), 7.0, device=DEVICE)
+    got = fused_ops.combine_linear(parts, w, sums[:3], zero.view(-1))
+    # The kernel rounds each head's output to bf16 as combine() does; the interpreter's
+    # bf16 rounding truncates, though, so there the outputs may differ by an ulp, which
+    # an identity weight shows as such and a random one as a few hundredths.
+    torch.testing.assert_close(got, combined.float() @ w.float().T,
+                               **(dict(atol=0.1, rtol=0.02) if INTERPRET
+                                  else dict(atol=1e-3, rtol=1e-3)))
+    assert got.data_ptr() == sums.data_ptr() and not sums[3].any() and not zero.any()
+    eye = torch.eye(heads * dim, device=DEVICE).to(dtype)
+    picked = fused_ops.combine_linear(parts, eye, torch.zeros(3, heads * dim, device=DEVICE),
+                                      zero.view(-1))
+    torch.testing.assert_close(picked, combined.float(), atol=1e-6, rtol=2**-7)
+
+
+@needs_kernels
+def test_attention_partials_are_declined_where_the_per_head_kernel_is_not():
+    seqs = [(13, 1), (40, 1)]
+    for dtype, tune, step in ((torch.float32, DECODE_KERNELS["per-head"], seqs),
+                              (torch.bfloat16, DECODE_KERNELS["group"], seqs),
+                              (torch.bfloat16, DECODE_KERNELS["per-head"], [(13, 2), (4, 1)])):
+        q, k, v, cache, md = make_step(step, 4, 2, 32, 4, dtype, DEVICE, seed=3)
+        be = TritonAttentionBackend(4, 2, 32, 32**-0.5)
+        for name, value in tune.items():
+            setattr(be, name, value)
+        before = cache.clone()
+        assert be.forward_partials(q, k, v, cache, md) is None
+        assert torch.equal(cache, before)  # nothing ran
+
+
 def test_fused_rotary_is_declined_for_mixed_steps():
     _, _, _, _, md = make_step(mixed_seqs(4), 4, 2, 16, 4, torch.float32, DEVICE, seed=1)
     assert not TritonAttentionBackend(4, 2, 16, 0.25).fuses_rotary(md)

@@ -31,7 +31,8 @@ from types import ModuleType
 import torch
 
 from pagedllm import hookimpl
-from pagedllm.attention import AttentionBackend, AttentionMetadata, RotaryInputs
+from pagedllm.attention import (AttentionBackend, AttentionMetadata, AttentionPartials,
+                                RotaryInputs)
 from pagedllm.dependent_launch import pdl_launch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -294,6 +295,21 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata,
                 rotary: RotaryInputs | None = None):
+        return self._forward(query, key, value, kv_cache, metadata, rotary, False)
+
+    def forward_partials(self, query, key, value, kv_cache, metadata: AttentionMetadata,
+                         rotary: RotaryInputs | None = None) -> AttentionPartials | None:
+        """Offered where ``decode_head_kernel`` runs (small decode batches of short
+        contexts, half precision): its partitions, uncombined, so no program waits on the
+        others' (the combine's atomic and reloads cost the W2 Qwen3-0.6B step about 1.2 us
+        a layer, H200)."""
+        if not (_decode_only(metadata) and query.dtype in (torch.float16, torch.bfloat16)
+                and self._per_head(metadata.num_seqs, metadata.max_seq_len)):
+            return None
+        return self._forward(query, key, value, kv_cache, metadata, rotary, True)
+
+    def _forward(self, query, key, value, kv_cache, metadata: AttentionMetadata,
+                 rotary: RotaryInputs | None, partials: bool):
         k = self._kernels()
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         if key_cache.stride(-1) != 1:
@@ -301,9 +317,10 @@ class TritonAttentionBackend(AttentionBackend):
         block_size = key_cache.shape[1]
         query, key, value = (t if t.stride(-1) == 1 else t.contiguous()
                              for t in (query, key, value))
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        out = (query if partials  # not written: a stand-in of the right dtype
+               else torch.empty(query.shape, dtype=query.dtype, device=query.device))
         num_tokens = query.shape[0]
-        if num_tokens == 0:
+        if num_tokens == 0 and not partials:
             return out
         cb, cs, ch = key_cache.stride(0), key_cache.stride(1), key_cache.stride(2)
         dot_fp32 = k.INTERPRETED or key_cache.dtype == torch.float32
@@ -341,6 +358,10 @@ class TritonAttentionBackend(AttentionBackend):
         common = (metadata.block_tables, metadata.seq_lens, metadata.query_start_loc)
         strides = (query.stride(0), query.stride(1), out.stride(0), out.stride(1),
                    cb, cs, ch, metadata.block_tables.stride(0))
+        if partials:  # a decode-only step (forward_partials): no prefill tiles
+            return self._decode(k, query, key_cache, value_cache, out, metadata, plan,
+                                strides, dot, (key, value), fused_write, rotary, launch,
+                                partials=True)
         if plan.num_decodes:
             self._decode(k, query, key_cache, value_cache, out, metadata, plan, strides, dot,
                          (key, value), fused_write, rotary, launch)
@@ -356,17 +377,28 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _decode(self, k, query, key_cache, value_cache, out, md, plan: _Plan, strides, dot,
                 new_kv: tuple[torch.Tensor, torch.Tensor], write_kv: bool,
-                rotary: RotaryInputs | None, launch: dict):
+                rotary: RotaryInputs | None, launch: dict, partials: bool = False
+                ) -> AttentionPartials | None:
         """``new_kv``: (key, value) of the step's tokens (rotated by ``rotary`` when given, as
         q is): the kernel takes each sequence's new token from them, not from the cache,
-        and with ``write_kv`` stores it in the cache too."""
+        and with ``write_kv`` stores it in the cache too.  ``partials`` (``forward_partials``:
+        the per-head kernel applies): every partition stored, none combined, and returned."""
         nd = plan.num_decodes
         per_head = self._per_head(nd, plan.max_decode_len)
         block_n, warps, stages = self._decode_config(key_cache.dtype)
         splits = self._splits(nd, plan.max_decode_len, query.device)
         dense = plan.decode_ids is None
         ids = md.seq_lens if dense else plan.decode_ids  # unused when dense
-        if splits > 1:
+        if partials:
+            if not (per_head and dense):  # forward_partials checked the same rule
+                raise RuntimeError("attention partials need the per-head kernel's batch order")
+            shape = (nd, self.num_heads, splits)
+            part_m = torch.empty(shape, dtype=torch.float32, device=query.device)
+            part_l = torch.empty(shape, dtype=torch.float32, device=query.device)
+            part_o = torch.empty(shape + (self.head_dim,), dtype=torch.float32,
+                                 device=query.device)
+            counters = part_m  # unused: nothing is combined here
+        elif splits > 1:
             shape = (nd, self.num_heads, splits)
             part_m = torch.empty(shape, dtype=torch.float32, device=query.device)
             part_l = torch.empty(shape, dtype=torch.float32, device=query.device)
@@ -398,12 +430,16 @@ class TritonAttentionBackend(AttentionBackend):
             # Its dependents (o_proj's GEMV at batch 1) may launch at its start
             # (dependent_launch.EARLY_TRIGGER_KINDS): measured for this kernel only.
             launch = pdl_launch(query.device, "attention")
+            combine = not (partials or self.decode_ablate_combine)
             k.decode_head_kernel[(nd, self.num_heads, splits)](
-                *args, ONE_SPLIT=splits == 1, DENSE=dense, GROUP=self.group,
+                *args, ONE_SPLIT=splits == 1 and not partials, DENSE=dense, GROUP=self.group,
                 HEAD_DIM=self.head_dim, BLOCK_SIZE=key_cache.shape[1],
                 BLOCK_N=self.decode_head_block_n, **launch, num_warps=self.decode_head_warps,
-                num_stages=1, **({"COMBINE": False} if self.decode_ablate_combine else {}))
-            return
+                num_stages=1, **({} if combine else {"COMBINE": False}))
+            if partials:
+                return AttentionPartials(part_o, part_m, part_l, md.seq_lens[:nd], splits,
+                                         self.decode_head_block_n, query.dtype)
+            return None
         k.decode_kernel[(nd, self.num_kv_heads, splits)](
             *args, ONE_SPLIT=splits == 1, DENSE=dense,
             GROUP=self.group, GROUP_PAD=max(16, _next_pow2(self.group)),

@@ -19,8 +19,9 @@ from torch import nn
 from pagedllm.attention import AttentionMetadata, RotaryInputs
 
 from . import fused_ops
-from .fused_ops import (argmax, linear, norm_mlp, norm_mlp_applies, rms_norm, rms_norm_linear,
-                        rotary, silu_and_mul, silu_mul_linear, use_fused)
+from .fused_ops import (argmax, combine_linear, combine_linear_applies, linear, norm_mlp,
+                        norm_mlp_applies, rms_norm, rms_norm_linear, rotary, silu_and_mul,
+                        silu_mul_linear, use_fused)
 from .rope import RotaryEmbedding, rope_parameters
 
 # Checkpoint projection -> (our stacked parameter, its shard index).
@@ -110,10 +111,13 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, kv_cache, metadata):
         return self.attend(self.qkv_proj(x), rope, kv_cache, metadata)
 
-    def attend(self, qkv, rope, kv_cache, metadata):
+    def attend(self, qkv, rope, kv_cache, metadata, o_sum=None):
         """Attention from the qkv projection on, through o_proj; ``rope`` is the step's
         (cos, sin, by_position): rows (``RotaryEmbedding.cos_sin``), or with by_position
-        whole tables for a backend that reads them itself (``RotaryInputs.by_position``)."""
+        whole tables for a backend that reads them itself (``RotaryInputs.by_position``).
+        ``o_sum``: (this layer's float32 sum, the one to zero) where o_proj may take the
+        attention as partitions (``fused_ops.combine_linear``): the output is then that
+        float32 sum, which the next norm rounds."""
         t = qkv.shape[0]
         q, k, v = qkv.split(self.shard_sizes["qkv_proj"], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -128,6 +132,13 @@ class SelfAttention(nn.Module):
                 cos, sin = cos.reshape(t, -1).float(), sin.reshape(t, -1).float()
             fused = RotaryInputs(cos, sin, *(qk_norm or (None, None, 0.0)),
                                  by_position=by_position)
+            if (o_sum is not None and type(self.o_proj) is Linear and self.o_proj.bias is None
+                    and combine_linear_applies(t, self.o_proj.weight)):
+                partials = self.attn.forward_partials(q, k, v, kv_cache, metadata,
+                                                      rotary=fused)
+                if partials is not None:
+                    out, zero = o_sum
+                    return combine_linear(partials, self.o_proj.weight, out[:t], zero)
             o = self.attn.forward(q, k, v, kv_cache, metadata, rotary=fused)
         else:
             q, k = rotary(q, k, (cos, sin), qk_norm=qk_norm)
@@ -144,18 +155,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, residual, rope, kv_cache, metadata, mlp_sum=None, ids=None):
+    def forward(self, x, residual, rope, kv_cache, metadata, mlp_sum=None, ids=None,
+                o_sum=None):
         """Returns (this layer's MLP output, the residual stream before it); the next norm
         adds them, so each add is fused into a norm (and at decode each norm into the
         projection after it).  ``mlp_sum``: (this layer's float32 sum, the previous
         layer's) where the one-launch MLP may run (``fused_ops.norm_mlp``): the output is
         then that float32 sum, which the next norm rounds.  ``ids`` (the first layer): x is
         the embedding table and the input its rows ``ids``, gathered inside the first
-        projection where it can (``fused_ops.rms_norm_linear``)."""
+        projection where it can (``fused_ops.rms_norm_linear``).  ``o_sum``: see
+        ``SelfAttention.attend``."""
         attn = self.self_attn
         qkv, residual = _norm_then_project(self.input_layernorm, attn.qkv_proj, x, residual,
                                            ids)
-        h = attn.attend(qkv, rope, kv_cache, metadata)
+        h = attn.attend(qkv, rope, kv_cache, metadata, o_sum)
         mlp, norm = self.mlp, self.post_attention_layernorm
         if (mlp_sum is not None and mlp.silu and type(mlp.gate_up_proj) is Linear
                 and type(mlp.down_proj) is Linear and mlp.gate_up_proj.bias is None
@@ -218,6 +231,7 @@ class DecoderForCausalLM(nn.Module):
         # The one-launch MLP's float32 sums (``_mlp_sums``); a plain attribute, not a
         # buffer: no checkpoint holds it.
         self.mlp_sum_buffers: torch.Tensor | None = None
+        self.o_proj_sum_buffers: torch.Tensor | None = None  # ``_o_proj_sums``
 
     def _place(self, name: str) -> torch.Tensor | None:
         """The tensor (a parameter, or a shard of a stacked one) a checkpoint name loads into."""
@@ -290,12 +304,15 @@ class DecoderForCausalLM(nn.Module):
                     False)
         residual = None
         sums = self._mlp_sums(table, input_ids.shape[0])
+        o_sums = self._o_proj_sums(input_ids.shape[0]) if rope[2] else None
         for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
             # Layer i adds into sum i and zeroes sum i - 1 (the last one, at layer 0), which
             # the norm after it has read: every sum is zero again when its turn comes.
             x, residual = layer(x, residual, rope, kv_cache, metadata,
                                 None if sums is None else (sums[i], sums[i - 1]),
-                                ids=input_ids if i == 0 else None)
+                                ids=input_ids if i == 0 else None,
+                                o_sum=None if o_sums is None else (o_sums[i],
+                                                                   o_sums[i - 1].view(-1)))
         return self.model.norm(x, residual)[0]
 
     def _mlp_sums(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -307,6 +324,20 @@ class DecoderForCausalLM(nn.Module):
         if sums is None or sums.device != x.device:
             sums = self.mlp_sum_buffers = torch.zeros(
                 len(self.model.layers), 1, x.shape[-1], dtype=torch.float32, device=x.device)
+        return sums
+
+    def _o_proj_sums(self, rows: int) -> torch.Tensor | None:
+        """[layers, O_PROJ_MAX_ROWS, hidden] float32 sums for o_proj over attention
+        partitions (zeros when made, kept zero between uses by the kernels, as
+        ``_mlp_sums``), or None where it cannot run this step."""
+        o_proj = self.model.layers[0].self_attn.o_proj.weight
+        if not combine_linear_applies(rows, o_proj):
+            return None
+        sums = self.o_proj_sum_buffers
+        if sums is None or sums.device != o_proj.device:
+            sums = self.o_proj_sum_buffers = torch.zeros(
+                len(self.model.layers), fused_ops.O_PROJ_MAX_ROWS, o_proj.shape[0],
+                dtype=torch.float32, device=o_proj.device)
         return sums
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -381,3 +381,64 @@ def norm_mlp_kernel(
     act = (act * u).to(dtype).to(tl.float32)  # [J]
     part = tl.sum(wd.to(tl.float32) * act[None, :], axis=1)  # [H_PAD]
     tl.atomic_add(sum_ptr + k, part, mask=k_ok, sem="relaxed")
+
+
+@triton.jit
+def combine_linear_kernel(
+    part_o_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr, w_ptr, sum_ptr, zero_ptr,
+    M, N, num_splits, granule, stride_wn, zero_size,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, ZERO_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """o_proj of a decode step whose attention is left in partitions
+    (``pagedllm.attention.AttentionPartials``), split over the heads: program (h, j)
+    combines head h's partitions into its output (rounded to the weight's dtype, as the
+    attention kernel rounds it) and adds ``w[j * BLOCK_N : (j + 1) * BLOCK_N, h * HEAD_DIM
+    : (h + 1) * HEAD_DIM] @ o_h`` into ``sum`` ([M, N] float32, zero on entry) with
+    atomics: the heads' shares in no fixed order, rounded by the sum's reader.  Its weight
+    block is requested before the PDL wait.  The programs together zero ``zero``
+    (``zero_size`` floats: an earlier layer's sum, read by now)."""
+    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
+        gdc_launch_dependents()
+    h = tl.program_id(0)
+    j = tl.program_id(1)
+    dtype = w_ptr.dtype.element_ty
+    rn = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    n_ok = rn < N
+    w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (h * HEAD_DIM + d)[None, :],
+                mask=n_ok[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+    if USE_PDL:
+        gdc_wait()
+        if USE_PDL == 1:
+            gdc_launch_dependents()
+    pid = h * tl.num_programs(1) + j
+    zk = pid * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+    tl.store(zero_ptr + zk, tl.zeros([ZERO_BLOCK], tl.float32), mask=zk < zero_size)
+    c = tl.arange(0, CHUNK)
+    for m in range(M):
+        seq_len = tl.load(seq_lens_ptr + m)
+        # The attention kernel's partitions (triton backend, _decode_partition).
+        size = tl.cdiv(tl.cdiv(seq_len, num_splits), granule) * granule
+        used = tl.cdiv(seq_len, size)
+        row = (m * NUM_HEADS + h).to(tl.int64) * num_splits
+        m_run = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), axis=0)
+        w_sum = tl.sum(tl.zeros([CHUNK], tl.float32), axis=0)
+        o = tl.zeros([HEAD_DIM], tl.float32)
+        # CHUNK partitions a round with a running max (partition 0, in the first round,
+        # keeps it finite).
+        for c0 in range(0, used, CHUNK):
+            ok = c0 + c < used
+            pm = tl.load(part_m_ptr + row + c0 + c, mask=ok, other=float("-inf"))
+            pl = tl.load(part_l_ptr + row + c0 + c, mask=ok, other=0.0)
+            po = tl.load(part_o_ptr + (row + c0 + c)[:, None] * HEAD_DIM + d[None, :],
+                         mask=ok[:, None], other=0.0)
+            m_new = tl.maximum(m_run, tl.max(pm, axis=0))
+            a = tl.exp2(m_run - m_new)
+            wt = tl.exp2(pm - m_new) * pl
+            o = o * a + tl.sum(po * wt[:, None], axis=0)
+            w_sum = w_sum * a + tl.sum(wt, axis=0)
+            m_run = m_new
+        o = (o / w_sum).to(dtype).to(tl.float32)
+        y = tl.sum(w.to(tl.float32) * o[None, :], axis=1)
+        tl.atomic_add(sum_ptr + m * N + rn, y, mask=n_ok, sem="relaxed")

@@ -470,3 +470,49 @@ def norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
         gate_up.stride(0), down.stride(0), eps, J=MLP_COLUMNS, H_PAD=_next_pow2(hidden),
         ZERO_BLOCK=_next_pow2(-(-hidden // grid)), **_pdl(r2), num_warps=MLP_WARPS)
     return r_out.view(residual.shape)
+
+
+# ---- o_proj over attention partitions ----------------------------------------------------------
+# At small decode batches the triton backend leaves each head's attention in partitions
+# (``AttentionBackend.forward_partials``) and o_proj combines them as it reads them
+# (``combine_linear``): the attention kernel then ends without the atomic and the reloads
+# of its own combine.  Off unless PAGEDLLM_FUSED_O_PROJ=1: not yet measured on a GPU.
+FUSED_O_PROJ = os.environ.get("PAGEDLLM_FUSED_O_PROJ", "0") == "1"
+O_PROJ_MAX_ROWS = 4  # rows of the float32 sums kept per layer (the per-head kernel's batches)
+# Output rows a program.  ptxas for sm90 (head_dim 128, 4 warps): 32 rows take 126
+# registers and 6 barriers, 64 rows 168 and 21, 128 rows 249 and 37 (every program reads
+# its head's partitions from L2, so fewer rows cost more L2 reads).
+# PAGEDLLM_FUSED_O_PROJ_BLOCK_N sets it, for benchmarking.
+O_PROJ_BLOCK_N = int(os.environ.get("PAGEDLLM_FUSED_O_PROJ_BLOCK_N", 32))
+
+
+def combine_linear_applies(rows: int, weight: torch.Tensor, force: bool = False) -> bool:
+    """Whether ``combine_linear`` may take o_proj for a decode step of ``rows`` rows: on
+    CUDA (or any with ``force``), half precision, at most ``O_PROJ_MAX_ROWS`` rows."""
+    return ((force or (FUSED_O_PROJ and use_fused(weight)))
+            and weight.dtype in (torch.float16, torch.bfloat16)
+            and 0 < rows <= O_PROJ_MAX_ROWS and weight.stride(-1) == 1)
+
+
+def combine_linear(partials, weight: torch.Tensor, out_sum: torch.Tensor,
+                   zero: torch.Tensor) -> torch.Tensor:
+    """``partials.combine() @ weight.T`` (``pagedllm.attention.AttentionPartials``: a decode
+    step's attention left in partitions), added into ``out_sum`` ([rows, N] float32, zero
+    on entry) and returned: each head's share is added with atomics, so in no fixed order,
+    and its reader rounds it to the activation dtype (as o_proj rounds its output).
+    ``zero`` (float32, contiguous) is set to zero on the way (see
+    ``combine_linear_kernel``)."""
+    rows, heads, splits, dim = partials.out.shape
+    n, k = weight.shape
+    if k != heads * dim or tuple(out_sum.shape) != (rows, n):
+        raise ValueError(f"combine_linear: partials of {heads} x {dim}, weight {tuple(weight.shape)}, "
+                         f"sum {tuple(out_sum.shape)} do not fit")
+    block_n = min(O_PROJ_BLOCK_N, _next_pow2(n))
+    blocks = -(-n // block_n)
+    zero_block = _next_pow2(-(-zero.numel() // (heads * blocks)))
+    _kernels().combine_linear_kernel[(heads, blocks)](
+        partials.out, partials.m, partials.l, partials.seq_lens, weight, out_sum, zero,
+        rows, n, splits, partials.granule, weight.stride(0), zero.numel(),
+        NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_N=block_n, CHUNK=32, ZERO_BLOCK=zero_block,
+        **_pdl(out_sum, "plain"), num_warps=4)
+    return out_sum
