@@ -19,12 +19,21 @@ length too, and a batch replays the shortest graph its longest sequence fits.
 """
 from __future__ import annotations
 
+import inspect
+import os
 from collections.abc import Callable
 
 import torch
 
 from pagedllm.attention import AttentionMetadata
 from pagedllm.step_layout import StepLayout
+
+
+# A graph that samples greedily stores its argmax, as int32, over its own input ids too
+# (``greedy_ids(logits, ids_out=)``): a next greedy step of the same rows in the same order
+# then finds its tokens in place, and the step between the graphs runs no copy kernel
+# (``ModelRunner.prepare``).  Off unless PAGEDLLM_GRAPH_FEEDS_IDS=1: not yet measured.
+FEEDS_IDS = os.environ.get("PAGEDLLM_GRAPH_FEEDS_IDS", "0") == "1"
 
 
 def batch_ladder(max_batch: int) -> list[int]:
@@ -58,6 +67,10 @@ class DecodeGraphs:
         # their argmax or None)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor,
                                                   torch.Tensor | None, torch.Tensor | None]] = {}
+        greedy = getattr(model, "greedy_ids", None)
+        self.feeds_ids = FEEDS_IDS and greedy is not None and (
+            "ids_out" in inspect.signature(greedy).parameters)
+        self._feeding: set[int] = set()  # data_ptr of each argmax that also fed its ids
 
     @property
     def max_batch(self) -> int:
@@ -80,6 +93,11 @@ class DecodeGraphs:
 
     def buffer(self, size: int) -> torch.Tensor:
         return self._buffer[:size]
+
+    def fed_ids(self, tokens: torch.Tensor | None) -> bool:
+        """Whether ``tokens`` (a step's sampled ids) are a graph's argmax that it also
+        stored over the step buffer's ids, row i at ids[i] (``FEEDS_IDS``)."""
+        return tokens is not None and tokens.data_ptr() in self._feeding
 
     def _static_inputs(self, b: int, length: int
                        ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -104,7 +122,11 @@ class DecodeGraphs:
             return hidden, None, None
         logits = self.model.compute_logits(hidden)
         greedy = getattr(self.model, "greedy_ids", None)
-        return hidden, logits, (greedy(logits) if greedy else logits.argmax(dim=-1))
+        if greedy is None:
+            return hidden, logits, logits.argmax(dim=-1)
+        if self.feeds_ids:  # after the graph's last read of ids (its first layer)
+            return hidden, logits, greedy(logits, ids_out=ids)
+        return hidden, logits, greedy(logits)
 
     @torch.inference_mode()
     def capture(self, log: Callable[[str], None] | None = None) -> None:
@@ -121,6 +143,8 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 out, logits, greedy = self._forward(ids, pos, md, with_logits)
             self._graphs[(b, length)] = (graph, out, logits, greedy)
+            if self.feeds_ids and greedy is not None:
+                self._feeding.add(greedy.data_ptr())
         torch.cuda.synchronize(self.device)
         if log:
             extra = (torch.cuda.memory_reserved(self.device) - before) / 2**20

@@ -153,7 +153,10 @@ def register_model_architectures() -> dict[str, type[nn.Module]]:
       (a decode CUDA graph of a few rows computes it for every row, padding included, and
       keeps the sampled ones), so it must not depend on which rows it is given;
     - ``greedy_ids(logits) -> ids`` (optional; else ``logits.argmax(-1)``): each row's
-      argmax, exactly as ``torch.argmax`` gives it, for a decode graph to capture.
+      argmax, exactly as ``torch.argmax`` gives it, for a decode graph to capture.  One
+      that also takes ``ids_out=`` (an int32 tensor of the rows' length) stores the ids
+      there too, which lets a decode graph leave them where the next step's graph reads
+      its input ids (``DecodeGraphs``, ``PAGEDLLM_GRAPH_FEEDS_IDS``).
 
     Two plugins registering the same architecture is an error naming both.
     """

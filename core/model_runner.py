@@ -179,15 +179,21 @@ class ModelRunner:
         tables = host[cut["tables"]].reshape(seqs_total, width)
         tables[:num_seqs, :max_blocks] = kv.table_array.array[table_rows, :max_blocks]
         tables[num_seqs:, :1] = 0
-        src = torch.from_numpy(host[:size])
+        # Every row awaiting the token in its own row of a graph's argmax that the graph
+        # also stored over the ids (DecodeGraphs.fed_ids): the ids are in place already,
+        # so they are not copied (the copy starts past them) and nothing fills them.
+        fed = (graph_batch and len(fill_dst) == num_seqs and fill_src == fill_dst
+               and self.graphs.fed_ids(prev_tokens))
+        start = cut["positions"].start if fed else 0
+        src = torch.from_numpy(host[start:size])
         if graph_batch:
             dev = self.graphs.buffer(size)
         else:
             dev = torch.empty(size, dtype=torch.int32, device=self.device)
-        dev.copy_(src, non_blocking=self.device.type == "cuda")
+        dev[start:].copy_(src, non_blocking=self.device.type == "cuda")
         view = {name: dev[s] for name, s in cut.items()}
         input_ids = view["ids"]
-        if fill_dst:
+        if fill_dst and not fed:
             fill_placeholders(input_ids, prev_tokens, fill_dst, fill_src, view["fill_dst"],
                               view["fill_src"])
         # A graph batch declares the longest context its graph was captured for.

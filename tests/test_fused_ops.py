@@ -339,6 +339,10 @@ def test_triton_argmax_is_torch_argmax(dtype, rows, n):
     # A view with a row stride of its own.
     wide = torch.randn(rows, n + 5, generator=gen, device=DEVICE).to(dtype)[:, 2:n + 2]
     assert torch.equal(fused_ops.argmax(wide, force=True), wide.argmax(dim=-1))
+    # ids_out: the same ids, int32, stored where a decode graph's next inputs are read.
+    ids = torch.full((rows + 1,), -7, dtype=torch.int32, device=DEVICE)
+    got = fused_ops.argmax(x, force=True, ids_out=ids[:rows])
+    assert torch.equal(ids[:rows].long(), got) and ids[rows] == -7
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

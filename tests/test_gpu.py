@@ -187,3 +187,25 @@ def test_o_proj_over_attention_partials_keeps_the_tokens(tmp_path, monkeypatch):
     runs = _greedy_with_and_without(tmp_path, monkeypatch, "FUSED_O_PROJ", 9, 4,
                                     "o_proj_sum_buffers")
     assert sum(a == b for a, b in zip(runs[False], runs[True])) >= 6
+
+
+def test_graphs_feeding_their_ids_change_no_token(tmp_path, monkeypatch):
+    """``PAGEDLLM_GRAPH_FEEDS_IDS``: a decode graph stores its argmax over its own input ids
+    and the next greedy step of the same rows copies none in: the same tokens, exactly,
+    with batches that grow and shrink (where the ids must be copied after all)."""
+    from pagedllm import cuda_graphs
+
+    build_tiny_model("qwen3", tmp_path)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([3 + 4 * i for i in range(9)],
+                                                               seed=10)]
+    params = [SamplingParams(temperature=0, max_tokens=6 + 5 * i, ignore_eos=True)
+              for i in range(9)]
+    runs = {}
+    for feeds in (False, True):
+        monkeypatch.setattr(cuda_graphs, "FEEDS_IDS", feeds)
+        llm = LLM(model=str(tmp_path), device="cuda", dtype="float32", num_kv_blocks=256,
+                  attention_backend="triton", max_num_seqs=4)
+        assert llm.engine.runner.graphs.feeds_ids == feeds
+        runs[feeds] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                    use_tqdm=False)]
+    assert runs[True] == runs[False]

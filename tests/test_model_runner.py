@@ -173,3 +173,47 @@ def test_fill_placeholders_puts_each_token_in_its_row(dst, src):
     fill_placeholders(ids, prev, dst, src, torch.tensor(dst, dtype=torch.int32),
                       torch.tensor(src, dtype=torch.int32))
     assert ids.dtype == torch.int32 and torch.equal(ids, want)
+
+
+class FeedingGraphs(FakeGraphs):
+    """A ``FakeGraphs`` with one persistent step buffer, whose graphs "stored" their argmax
+    over its ids: ``fed`` is the sampled-token tensor that counts as such."""
+
+    def __init__(self, pad_to: int, table_width: int):
+        super().__init__(pad_to, table_width)
+        self.buf = torch.full((4096,), SENTINEL, dtype=torch.int32)
+        self.fed: torch.Tensor | None = None
+
+    def buffer(self, size: int) -> torch.Tensor:
+        return self.buf[:size]
+
+    def fed_ids(self, tokens) -> bool:
+        return tokens is not None and self.fed is not None and (
+            tokens.data_ptr() == self.fed.data_ptr())
+
+
+@pytest.mark.parametrize("fed", [True, False])
+def test_graph_fed_ids_are_neither_copied_nor_filled(model_dir, fed):
+    # Async scheduling leaves every row's token on the device; where the last graph
+    # stored its argmax over the ids (DecodeGraphs.fed_ids), the runner copies the step
+    # from past the ids and fills nothing, so what the graph left there is what the next
+    # one reads; otherwise the previous tokens are copied into place.
+    engine = LLM(model=model_dir, device="cpu", block_size=4, num_kv_blocks=200,
+                 async_scheduling=True).engine
+    _add(engine, [3, 9, 17], seed=5)
+    engine.step()  # the prompts: their tokens stay on the device, pending
+    pending = engine._pending
+    graphs = engine.runner.graphs = FeedingGraphs(pad_to=4, table_width=40)
+    left = torch.tensor([901, 902, 903, 904], dtype=torch.int32)  # "the graph's argmax"
+    graphs.buf[:4] = left
+    if fed:
+        graphs.fed = pending.batch.token_ids
+    sched = engine.scheduler.schedule()
+    mi = engine.runner.prepare(sched, pending.rows, pending.batch.token_ids)
+    assert mi.graph_batch == 4
+    want = left[:3] if fed else pending.batch.token_ids.to(torch.int32)
+    assert torch.equal(mi.input_ids[:3], want)
+    # Everything past the ids was copied as usual.
+    positions = [s.request.num_computed_tokens for s in sched.scheduled]
+    assert mi.positions[:3].tolist() == positions
+    assert mi.metadata.seq_lens[:3].tolist() == [p + 1 for p in positions]

@@ -343,5 +343,6 @@ class DecoderForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def greedy_ids(self, logits: torch.Tensor) -> torch.Tensor:
-        return argmax(logits)
+    def greedy_ids(self, logits: torch.Tensor,
+                   ids_out: torch.Tensor | None = None) -> torch.Tensor:
+        return argmax(logits, ids_out=ids_out)

@@ -304,10 +304,11 @@ def argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, n, stride_x, BLOCK: tl.conste
 
 
 @triton.jit
-def argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, parts, BLOCK: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+def argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, parts, ids_ptr, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr, HAS_IDS: tl.constexpr = False):
     """Stage 2: each row's argmax from its ``parts`` partials (ties: the first column; a
-    negative index is its chunk's first NaN, and chunks are in column order)."""
+    negative index is its chunk's first NaN, and chunks are in column order).  HAS_IDS:
+    also stored as int32 at ``ids`` (a decode graph's next input ids)."""
     if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -323,7 +324,10 @@ def argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, parts, BLOCK: tl.constexpr,
     first_nan = tl.min(tl.where(nan, -i - 1, 2147483647), axis=0)
     best = tl.max(tl.where(nan, float("-inf"), v), axis=0)
     first = tl.min(tl.where(ok & ~nan & (v == best), i, 2147483647), axis=0)
-    tl.store(out_ptr + row, tl.where(first_nan < 2147483647, first_nan, first).to(tl.int64))
+    best_id = tl.where(first_nan < 2147483647, first_nan, first)
+    tl.store(out_ptr + row, best_id.to(tl.int64))
+    if HAS_IDS:
+        tl.store(ids_ptr + row, best_id.to(tl.int32))
 
 
 @triton.jit

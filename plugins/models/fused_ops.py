@@ -402,11 +402,16 @@ FUSED_ARGMAX = os.environ.get("PAGEDLLM_FUSED_ARGMAX", "1") == "1"
 ARGMAX_BLOCK = 4096  # columns per stage-1 program
 
 
-def argmax(logits: torch.Tensor, force: bool = False) -> torch.Tensor:
+def argmax(logits: torch.Tensor, force: bool = False,
+           ids_out: torch.Tensor | None = None) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` (int64) of [rows, vocab] logits: the first index of each
-    row's maximum, NaN counting as the maximum (above +inf), as ``torch.argmax`` gives it."""
+    row's maximum, NaN counting as the maximum (above +inf), as ``torch.argmax`` gives it.
+    ``ids_out`` ([rows] int32): the same ids stored there too."""
     if not (force or (FUSED_ARGMAX and use_fused(logits))) or logits.dim() != 2:
-        return logits.argmax(dim=-1)
+        ids = logits.argmax(dim=-1)
+        if ids_out is not None:
+            ids_out.copy_(ids)
+        return ids
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     rows, n = x.shape
     out = torch.empty(rows, dtype=torch.int64, device=x.device)
@@ -419,7 +424,9 @@ def argmax(logits: torch.Tensor, force: bool = False) -> torch.Tensor:
     k = _kernels()
     k.argmax_partial_kernel[(rows, parts)](x, vals, idx, n, x.stride(0), BLOCK=block,
                                            **_pdl(x), num_warps=4)
-    k.argmax_reduce_kernel[(rows,)](vals, idx, out, parts, BLOCK=_next_pow2(parts),
+    k.argmax_reduce_kernel[(rows,)](vals, idx, out, parts,
+                                    ids_out if ids_out is not None else idx,
+                                    BLOCK=_next_pow2(parts), HAS_IDS=ids_out is not None,
                                     **_pdl(x), num_warps=4)
     return out
 
