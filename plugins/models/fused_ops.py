@@ -491,6 +491,7 @@ O_PROJ_MAX_ROWS = 4  # rows of the float32 sums kept per layer (the per-head ker
 # its head's partitions from L2, so fewer rows cost more L2 reads).
 # PAGEDLLM_FUSED_O_PROJ_BLOCK_N sets it, for benchmarking.
 O_PROJ_BLOCK_N = int(os.environ.get("PAGEDLLM_FUSED_O_PROJ_BLOCK_N", 32))
+O_PROJ_WARPS = int(os.environ.get("PAGEDLLM_FUSED_O_PROJ_WARPS", 4))  # the same, warps
 
 
 def combine_linear_applies(rows: int, weight: torch.Tensor, force: bool = False) -> bool:
@@ -521,5 +522,5 @@ def combine_linear(partials, weight: torch.Tensor, out_sum: torch.Tensor,
         partials.out, partials.m, partials.l, partials.seq_lens, weight, out_sum, zero,
         rows, n, splits, partials.granule, weight.stride(0), zero.numel(),
         NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_N=block_n, CHUNK=32, ZERO_BLOCK=zero_block,
-        **_pdl(out_sum, "plain"), num_warps=4)
+        **_pdl(out_sum, "plain"), num_warps=O_PROJ_WARPS)
     return out_sum
