@@ -449,6 +449,41 @@ def test_whole_model_greedy_tokens_match_torch(tmp_path):
     assert results["triton"] == results["torch"]
 
 
+@needs_kernels
+def test_whole_model_o_proj_over_partials_keeps_the_tokens(tmp_path, monkeypatch):
+    # The model's whole path with o_proj over the attention's partitions (forced on here,
+    # and for float32, so tokens compare exactly): the decode steps' attention kernels store
+    # partitions, combine_linear adds o_proj into float32 sums, the next norm reads them.
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.plugins.models import decoder, fused_ops
+
+    from tiny_models import build_tiny_model, random_prompts
+
+    build_tiny_model("qwen3", tmp_path)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([6, 11, 3], seed=4)]
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    results = {}
+    for fused in (False, True):
+        if fused:
+            monkeypatch.setattr(fused_ops, "O_PROJ_DTYPES", (torch.float32,))
+            monkeypatch.setattr(TritonAttentionBackend, "partials_dtypes", (torch.float32,))
+            monkeypatch.setattr(decoder, "combine_linear_applies",
+                                lambda rows, w: fused_ops.combine_linear_applies(rows, w, True))
+        calls = []
+        monkeypatch.setattr(decoder, "combine_linear",
+                            lambda *a: calls.append(1) or fused_ops.combine_linear(*a))
+        llm = LLM(model=str(tmp_path), device=str(DEVICE), dtype="float32",
+                  attention_backend="triton", block_size=4, num_kv_blocks=64)
+        results[fused] = [o.outputs[0].token_ids
+                          for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert (llm.engine.model.o_proj_sum_buffers is not None) == fused
+        # Every layer of every decode step (6 after each prompt's first token; the three
+        # decode together, and the tiny model has 2 layers) took it.
+        layers = len(llm.engine.model.model.layers)
+        assert len(calls) == (6 * layers if fused else 0)
+    assert results[True] == results[False]
+
+
 # ---- always ------------------------------------------------------------------------------
 
 def test_supports_rejects_what_the_kernels_cannot_do():

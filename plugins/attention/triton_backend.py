@@ -161,6 +161,9 @@ class TritonAttentionBackend(AttentionBackend):
     decode_head_programs_per_sm = int(os.environ.get("PAGEDLLM_DECODE_HEAD_PROGRAMS_PER_SM", 4))
     decode_head_warps = int(os.environ.get("PAGEDLLM_DECODE_HEAD_WARPS", 1))
     decode_head_min_partition: int | None = None  # None: one tile (a test sets more)
+    # forward_partials' dtypes: float32 keeps the kernel's own combine (and so HF parity
+    # of o_proj's one fixed-order sum).
+    partials_dtypes = (torch.float16, torch.bfloat16)
     # Profiling only (``bench latency --ablate combine``): partitions never combined.
     decode_ablate_combine = False
 
@@ -303,7 +306,7 @@ class TritonAttentionBackend(AttentionBackend):
         contexts, half precision): its partitions, uncombined, so no program waits on the
         others' (the combine's atomic and reloads cost the W2 Qwen3-0.6B step about 1.2 us
         a layer, H200)."""
-        if not (_decode_only(metadata) and query.dtype in (torch.float16, torch.bfloat16)
+        if not (_decode_only(metadata) and query.dtype in self.partials_dtypes
                 and self._per_head(metadata.num_seqs, metadata.max_seq_len)):
             return None
         return self._forward(query, key, value, kv_cache, metadata, rotary, True)

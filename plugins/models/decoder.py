@@ -304,7 +304,7 @@ class DecoderForCausalLM(nn.Module):
                     False)
         residual = None
         sums = self._mlp_sums(table, input_ids.shape[0])
-        o_sums = self._o_proj_sums(input_ids.shape[0]) if rope[2] else None
+        o_sums = self._o_proj_sums(input_ids.shape[0]) if attn.fuses_rotary(metadata) else None
         for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
             # Layer i adds into sum i and zeroes sum i - 1 (the last one, at layer 0), which
             # the norm after it has read: every sum is zero again when its turn comes.

@@ -494,11 +494,14 @@ O_PROJ_BLOCK_N = int(os.environ.get("PAGEDLLM_FUSED_O_PROJ_BLOCK_N", 32))
 O_PROJ_WARPS = int(os.environ.get("PAGEDLLM_FUSED_O_PROJ_WARPS", 4))  # the same, warps
 
 
+O_PROJ_DTYPES = (torch.float16, torch.bfloat16)  # float32 keeps o_proj's one fixed sum
+
+
 def combine_linear_applies(rows: int, weight: torch.Tensor, force: bool = False) -> bool:
     """Whether ``combine_linear`` may take o_proj for a decode step of ``rows`` rows: on
     CUDA (or any with ``force``), half precision, at most ``O_PROJ_MAX_ROWS`` rows."""
     return ((force or (FUSED_O_PROJ and use_fused(weight)))
-            and weight.dtype in (torch.float16, torch.bfloat16)
+            and weight.dtype in O_PROJ_DTYPES
             and 0 < rows <= O_PROJ_MAX_ROWS and weight.stride(-1) == 1)
 
 
