@@ -392,7 +392,8 @@ def combine_linear_kernel(
     part_o_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr, w_ptr, sum_ptr, zero_ptr,
     M, N, num_splits, granule, stride_wn, zero_size,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNK: tl.constexpr, ZERO_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+    CHUNK: tl.constexpr, ZERO_BLOCK: tl.constexpr, MAX_ROWS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """o_proj of a decode step whose attention is left in partitions
     (``pagedllm.attention.AttentionPartials``), split over the heads: program (h, j)
@@ -400,8 +401,9 @@ def combine_linear_kernel(
     attention kernel rounds it) and adds ``w[j * BLOCK_N : (j + 1) * BLOCK_N, h * HEAD_DIM
     : (h + 1) * HEAD_DIM] @ o_h`` into ``sum`` ([M, N] float32, zero on entry) with
     atomics: the heads' shares in no fixed order, rounded by the sum's reader.  Its weight
-    block is requested before the PDL wait.  The programs together zero ``zero``
-    (``zero_size`` floats: an earlier layer's sum, read by now)."""
+    block and the rows' lengths (M <= MAX_ROWS) are read before the PDL wait.  The
+    programs together zero ``zero`` (``zero_size`` floats: an earlier layer's sum, read by
+    now)."""
     if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
         gdc_launch_dependents()
     h = tl.program_id(0)
@@ -412,6 +414,9 @@ def combine_linear_kernel(
     n_ok = rn < N
     w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (h * HEAD_DIM + d)[None, :],
                 mask=n_ok[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+    # The rows' lengths are the step's metadata: read before the wait too.
+    r = tl.arange(0, MAX_ROWS)
+    lens = tl.load(seq_lens_ptr + r, mask=r < M, other=1)
     if USE_PDL:
         gdc_wait()
         if USE_PDL == 1:
@@ -421,7 +426,7 @@ def combine_linear_kernel(
     tl.store(zero_ptr + zk, tl.zeros([ZERO_BLOCK], tl.float32), mask=zk < zero_size)
     c = tl.arange(0, CHUNK)
     for m in range(M):
-        seq_len = tl.load(seq_lens_ptr + m)
+        seq_len = tl.sum(tl.where(r == m, lens, 0), axis=0)
         # The attention kernel's partitions (triton backend, _decode_partition).
         size = tl.cdiv(tl.cdiv(seq_len, num_splits), granule) * granule
         used = tl.cdiv(seq_len, size)

@@ -515,7 +515,7 @@ def combine_linear(partials, weight: torch.Tensor, out_sum: torch.Tensor,
     ``combine_linear_kernel``)."""
     rows, heads, splits, dim = partials.out.shape
     n, k = weight.shape
-    if k != heads * dim or tuple(out_sum.shape) != (rows, n):
+    if k != heads * dim or tuple(out_sum.shape) != (rows, n) or rows > O_PROJ_MAX_ROWS:
         raise ValueError(f"combine_linear: partials of {heads} x {dim}, weight {tuple(weight.shape)}, "
                          f"sum {tuple(out_sum.shape)} do not fit")
     block_n = min(O_PROJ_BLOCK_N, _next_pow2(n))
@@ -525,5 +525,6 @@ def combine_linear(partials, weight: torch.Tensor, out_sum: torch.Tensor,
         partials.out, partials.m, partials.l, partials.seq_lens, weight, out_sum, zero,
         rows, n, splits, partials.granule, weight.stride(0), zero.numel(),
         NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_N=block_n, CHUNK=32, ZERO_BLOCK=zero_block,
+        MAX_ROWS=_next_pow2(O_PROJ_MAX_ROWS),
         **_pdl(out_sum, "plain"), num_warps=O_PROJ_WARPS)
     return out_sum
