@@ -364,6 +364,7 @@ class LLMEngine:
         model_input = self.runner.prepare(
             sched, pending.rows if pending else None,
             pending.batch.token_ids if pending else None)
+        self.sampler.copy_done()  # the model may overwrite the ids it copies (a graph's)
         logits, greedy_ids = self.runner.execute(model_input)
         # The loops below run for every request on every step, ahead of the device: they
         # read attributes once into locals and call out only for what is rare.

@@ -6,6 +6,7 @@ so a seeded request gets the same tokens alone or in any batch.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,13 @@ import torch
 
 from pagedllm.outputs import Logprob
 from pagedllm.request import Request
+
+
+# The token ids' copy to the host on a side stream, so the next step's input copy (and
+# fill) need not queue behind it; the step after waits for it only before its model runs
+# (``Sampler.copy_done``), as that may overwrite the ids (a decode graph's argmax).  Off
+# unless PAGEDLLM_SIDE_COPY=1: not yet measured.
+SIDE_COPY = os.environ.get("PAGEDLLM_SIDE_COPY", "0") == "1"
 
 
 @dataclass
@@ -83,6 +91,17 @@ class Sampler:
     def __init__(self, generator: torch.Generator):
         self.generator = generator  # for requests without a seed of their own
         self.last_wait_s = 0.0  # how long the last ``to_host`` waited for the device
+        self.side_copy = SIDE_COPY
+        self._side: torch.cuda.Stream | None = None
+        # The last side-stream copy's event, until the next step's model waits for it.
+        self._copy_pending: torch.cuda.Event | None = None
+
+    def copy_done(self) -> None:
+        """Make the current stream wait (on the device) for the last token-id copy, before
+        anything that may overwrite the ids it reads; a no-op without a side copy."""
+        if self._copy_pending is not None:
+            torch.cuda.current_stream().wait_event(self._copy_pending)
+            self._copy_pending = None
 
     def __call__(self, logits: torch.Tensor, requests: list[Request],
                  tokenizer_decode=None) -> list[SampledToken]:
@@ -117,11 +136,24 @@ class Sampler:
                     self._choose_row(logits, row, req, chosen)
         cuda = chosen.device.type == "cuda"
         host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=cuda)
-        host.copy_(chosen, non_blocking=cuda)
         event = None
-        if cuda:
-            event = torch.cuda.Event()
-            event.record()
+        if cuda and self.side_copy:
+            if self._side is None:
+                self._side = torch.cuda.Stream(chosen.device)
+            ready = torch.cuda.Event()
+            ready.record()
+            self._side.wait_event(ready)
+            with torch.cuda.stream(self._side):
+                host.copy_(chosen, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            chosen.record_stream(self._side)  # its memory waits for the copy too
+            self._copy_pending = event
+        else:
+            host.copy_(chosen, non_blocking=cuda)
+            if cuda:
+                event = torch.cuda.Event()
+                event.record()
         return SampledBatch(list(requests), chosen, raw_logprobs, host, event)
 
     def _choose_row(self, logits: torch.Tensor, row: int, req: Request,

@@ -189,11 +189,16 @@ def test_o_proj_over_attention_partials_keeps_the_tokens(tmp_path, monkeypatch):
     assert sum(a == b for a, b in zip(runs[False], runs[True])) >= 6
 
 
-def test_graphs_feeding_their_ids_change_no_token(tmp_path, monkeypatch):
-    """``PAGEDLLM_GRAPH_FEEDS_IDS``: a decode graph stores its argmax over its own input ids
-    and the next greedy step of the same rows copies none in: the same tokens, exactly,
-    with batches that grow and shrink (where the ids must be copied after all)."""
-    from pagedllm import cuda_graphs
+@pytest.mark.parametrize("settings", [{"cuda_graphs.FEEDS_IDS"}, {"sampler.SIDE_COPY"},
+                                      {"cuda_graphs.FEEDS_IDS", "sampler.SIDE_COPY"}],
+                         ids=["feeds-ids", "side-copy", "both"])
+def test_step_io_settings_change_no_token(tmp_path, monkeypatch, settings):
+    """``PAGEDLLM_GRAPH_FEEDS_IDS`` (a decode graph stores its argmax over its own input
+    ids and the next greedy step of the same rows copies none in) and
+    ``PAGEDLLM_SIDE_COPY`` (the token ids go to the host on a side stream, which the next
+    step's model waits for): the same tokens, exactly, with batches that grow and shrink
+    (where the ids must be copied after all)."""
+    import importlib
 
     build_tiny_model("qwen3", tmp_path)
     prompts = [{"prompt_token_ids": p} for p in random_prompts([3 + 4 * i for i in range(9)],
@@ -201,11 +206,14 @@ def test_graphs_feeding_their_ids_change_no_token(tmp_path, monkeypatch):
     params = [SamplingParams(temperature=0, max_tokens=6 + 5 * i, ignore_eos=True)
               for i in range(9)]
     runs = {}
-    for feeds in (False, True):
-        monkeypatch.setattr(cuda_graphs, "FEEDS_IDS", feeds)
+    for on in (False, True):
+        for setting in settings:
+            module, name = setting.split(".")
+            monkeypatch.setattr(importlib.import_module(f"pagedllm.{module}"), name, on)
         llm = LLM(model=str(tmp_path), device="cuda", dtype="float32", num_kv_blocks=256,
                   attention_backend="triton", max_num_seqs=4)
-        assert llm.engine.runner.graphs.feeds_ids == feeds
-        runs[feeds] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
-                                                                    use_tqdm=False)]
+        assert llm.engine.runner.graphs.feeds_ids == (on and "cuda_graphs.FEEDS_IDS" in settings)
+        assert llm.engine.sampler.side_copy == (on and "sampler.SIDE_COPY" in settings)
+        runs[on] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                 use_tqdm=False)]
     assert runs[True] == runs[False]
