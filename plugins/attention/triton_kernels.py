@@ -165,6 +165,29 @@ def _decode_partition(i, seq_ids_ptr, seq_lens_ptr, query_start_ptr, DENSE: tl.c
 
 
 @triton.jit
+def _norm_weights(norm_w_ptr, d, qk_norm, HEAD_DIM: tl.constexpr):
+    """A q/k norm's weights and their rotate-half partners ([1, HEAD_DIM] float32; zeros,
+    nothing read, without ``qk_norm``)."""
+    half: tl.constexpr = HEAD_DIM // 2
+    has_norm = (d * 0 + qk_norm) != 0
+    w = tl.load(norm_w_ptr + d, mask=has_norm, other=0.0).to(tl.float32)[None, :]
+    wp = tl.load(norm_w_ptr + (d + half) % HEAD_DIM, mask=has_norm, other=0.0)
+    return w, wp.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _rope_cos_sin(cos_ptr, sin_ptr, rope, tok, seq_len, stride_ct, d):
+    """The decode token's cos and sin rows ([1, HEAD_DIM] float32; nothing read without
+    rotary): row ``tok`` of per-token tables, or with ``rope & 4`` (``RotaryInputs
+    .by_position``) row ``seq_len - 1``, its position, of tables over positions."""
+    row = tl.where((rope & 4) != 0, seq_len - 1, tok).to(tl.int64)
+    has_rope = (d * 0 + rope) != 0  # masks that read nothing without rotary
+    cos = tl.load(cos_ptr + row * stride_ct + d, mask=has_rope, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + row * stride_ct + d, mask=has_rope, other=0.0)[None, :]
+    return cos, sin
+
+
+@triton.jit
 def _rope_inputs(cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, rope, tok, seq_len, stride_ct, d,
                  HEAD_DIM: tl.constexpr):
     """What rotating the decode token's q and k takes that no kernel of the step writes,
@@ -173,17 +196,9 @@ def _rope_inputs(cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, rope, tok, seq_len, s
     ``seq_len - 1``, its position, of tables over positions -- and with q/k norms
     (``rope & 3 == 2``) their weights and the weights' rotate-half partners (float32).
     Nothing is read that ``rope`` does not use (zeros instead)."""
-    half: tl.constexpr = HEAD_DIM // 2
-    row = tl.where((rope & 4) != 0, seq_len - 1, tok).to(tl.int64)
-    has_rope = (d * 0 + rope) != 0
-    cos = tl.load(cos_ptr + row * stride_ct + d, mask=has_rope, other=0.0)[None, :]
-    sin = tl.load(sin_ptr + row * stride_ct + d, mask=has_rope, other=0.0)[None, :]
-    has_norm = (d * 0 + (rope & 3)) == 2
-    partner = (d + half) % HEAD_DIM
-    wq = tl.load(q_norm_ptr + d, mask=has_norm, other=0.0).to(tl.float32)[None, :]
-    wqp = tl.load(q_norm_ptr + partner, mask=has_norm, other=0.0).to(tl.float32)[None, :]
-    wk = tl.load(k_norm_ptr + d, mask=has_norm, other=0.0).to(tl.float32)[None, :]
-    wkp = tl.load(k_norm_ptr + partner, mask=has_norm, other=0.0).to(tl.float32)[None, :]
+    cos, sin = _rope_cos_sin(cos_ptr, sin_ptr, rope, tok, seq_len, stride_ct, d)
+    wq, wqp = _norm_weights(q_norm_ptr, d, (rope & 3) == 2, HEAD_DIM)
+    wk, wkp = _norm_weights(k_norm_ptr, d, (rope & 3) == 2, HEAD_DIM)
     return cos, sin, wq, wqp, wk, wkp
 
 
@@ -212,8 +227,11 @@ def _new_token_kv(kx, kxp, vx, k_cache_ptr, v_cache_ptr, kv_head, slot, d, cos, 
 @triton.jit
 def _rope_rows(ptr, row_off, row_ok, d, cos, sin, norm_w_ptr, eps, qk_norm,
                HEAD_DIM: tl.constexpr):
-    """Rows ``ptr + row_off`` ([rows, HEAD_DIM]) rotated as ``RotaryInputs`` defines, in
-    float32 holding values rounded to the input's dtype (as ``fused_ops.rotary`` rounds)."""
+    """Rows ``ptr + row_off`` loaded and rotated in one go, the norm's weights read only
+    then: ``decode_kernel``'s order (see there).  The same loads and arithmetic as
+    ``_rows_and_partners`` and ``_rotate``, kept apart because the kernel compiled from
+    them is the one measured (W6 B=128: 501 us; composed of those two, ptxas gives it
+    other code, not yet measured)."""
     dtype = ptr.dtype.element_ty
     half: tl.constexpr = HEAD_DIM // 2
     partner = (d + half) % HEAD_DIM  # rotate_half(x)[d] = -x[d + half] or x[d - half]
@@ -233,43 +251,23 @@ def _rope_rows(ptr, row_off, row_ok, d, cos, sin, norm_w_ptr, eps, qk_norm,
 
 
 @triton.jit
-def _rope_cos_sin(cos_ptr, sin_ptr, rope, tok, seq_len, stride_ct, d):
-    """The decode token's cos and sin rows ([1, HEAD_DIM] float32; nothing read without
-    rotary): row ``tok`` of per-token tables, or with ``rope & 4`` (``RotaryInputs
-    .by_position``) row ``seq_len - 1``, its position, of tables over positions."""
-    row = tl.where((rope & 4) != 0, seq_len - 1, tok).to(tl.int64)
-    has_rope = (d * 0 + rope) != 0  # masks that read nothing without rotary
-    cos = tl.load(cos_ptr + row * stride_ct + d, mask=has_rope, other=0.0)[None, :]
-    sin = tl.load(sin_ptr + row * stride_ct + d, mask=has_rope, other=0.0)[None, :]
-    return cos, sin
-
-
-@triton.jit
 def _load_new_token_kv(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, tok, kv_head, slot, d,
-                  cos, sin, k_norm_ptr, norm_eps, rope,
-                  stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
-                  BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """``decode_kernel``'s form of ``_new_token_kv``: it loads the rows itself, after q is
-    rotated (see decode_kernel on why).  The step's new key ([1, HEAD_DIM], rotated with
-    ``rope``) and value ([HEAD_DIM]) of one
-    KV head, in the cache's dtype, straight from the step's key/value; stored at ``slot``
-    unless it is negative (no write_kv, graph padding, or another program's job).  No
-    store is read back, so no barrier."""
+                       cos, sin, k_norm_ptr, norm_eps, rope,
+                       stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs,
+                       stride_ch, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``_new_token_kv`` that loads the new key and value itself, once called: in
+    ``decode_kernel`` that is after q is rotated (see there on why)."""
     if rope != 0:
         one = tl.arange(0, 1)
-        k_new = _rope_rows(key_ptr + tok * stride_kt, one * 0 + kv_head * stride_kh,
-                           one == 0, d, cos, sin, k_norm_ptr, norm_eps, (rope & 3) == 2, HEAD_DIM)
+        k = _rope_rows(key_ptr + tok * stride_kt, one * 0 + kv_head * stride_kh, one == 0, d,
+                       cos, sin, k_norm_ptr, norm_eps, (rope & 3) == 2, HEAD_DIM)
     else:
-        k_new = tl.load(key_ptr + tok * stride_kt + kv_head * stride_kh + d)[None, :]
-    k_new = k_new.to(k_cache_ptr.dtype.element_ty)
-    v_new = tl.load(value_ptr + tok * stride_vt + kv_head * stride_vh + d
-                    ).to(v_cache_ptr.dtype.element_ty)
-    if slot >= 0:
-        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
-            + kv_head * stride_ch + d
-        tl.store(k_cache_ptr + dst[None, :], k_new)
-        tl.store(v_cache_ptr + dst, v_new)
-    return k_new, v_new
+        k = tl.load(key_ptr + tok * stride_kt + kv_head * stride_kh + d)[None, :]
+    v = tl.load(value_ptr + tok * stride_vt + kv_head * stride_vh + d)
+    # Rotated already: _new_token_kv (rope 0) casts and stores it.
+    return _new_token_kv(k, k, v, k_cache_ptr, v_cache_ptr, kv_head, slot, d, cos, sin, cos,
+                         sin, norm_eps, 0, stride_cb, stride_cs, stride_ch, BLOCK_SIZE,
+                         HEAD_DIM)
 
 
 @triton.jit
