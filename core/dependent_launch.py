@@ -70,10 +70,17 @@ def pdl_mode(device: torch.device, kind: str | None = None) -> int:
     kernel with ``PAGEDLLM_PDL=early``."""
     if not pdl_enabled(device):
         return 0
-    if os.environ.get("PAGEDLLM_PDL", "1").strip().lower() in ("2", "early"):
-        return 2
-    early = os.environ.get("PAGEDLLM_PDL_EARLY", EARLY_TRIGGER_KINDS).replace(" ", "").split(",")
-    return 2 if kind is not None and kind in early else 1
+    every, kinds = _early_trigger()
+    return 2 if every or (kind is not None and kind in kinds) else 1
+
+
+@functools.cache
+def _early_trigger() -> tuple[bool, frozenset[str]]:
+    """(every kernel triggers early, the kinds that do): the settings, read once per
+    process, as every launch asks (tests clear the cache to change them)."""
+    every = os.environ.get("PAGEDLLM_PDL", "1").strip().lower() in ("2", "early")
+    kinds = os.environ.get("PAGEDLLM_PDL_EARLY", EARLY_TRIGGER_KINDS).replace(" ", "")
+    return every, frozenset(kinds.split(","))
 
 
 def pdl_launch(device: torch.device, kind: str | None = None) -> dict:

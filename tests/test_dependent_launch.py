@@ -38,6 +38,17 @@ def test_on_for_hopper_and_later():
     assert pdl_enabled(device) == want
 
 
+@pytest.fixture
+def trigger_settings():
+    """The early-trigger settings are read once per process: re-read them around a test."""
+    import pagedllm.dependent_launch as dl
+
+    dl._early_trigger.cache_clear()
+    yield dl._early_trigger.cache_clear
+    dl._early_trigger.cache_clear()
+
+
+@pytest.mark.usefixtures("trigger_settings")
 @pytest.mark.parametrize("setting,mode", [("1", 1), ("early", 2), ("2", 2)])
 def test_trigger_placement_by_environment(monkeypatch, setting, mode):
     # Where PDL is on, PAGEDLLM_PDL=early moves the kernels' trigger to their start
@@ -50,6 +61,7 @@ def test_trigger_placement_by_environment(monkeypatch, setting, mode):
     assert dl.pdl_launch(torch.device("cpu")) == {"USE_PDL": mode, "launch_pdl": True}
 
 
+@pytest.mark.usefixtures("trigger_settings")
 def test_early_trigger_by_kind(monkeypatch):
     import pagedllm.dependent_launch as dl
 
@@ -60,7 +72,7 @@ def test_early_trigger_by_kind(monkeypatch):
         2, 2, 1, 1]
 
 
-def test_attention_triggers_early_by_default(monkeypatch):
+def test_attention_triggers_early_by_default(monkeypatch, trigger_settings):
     import pagedllm.dependent_launch as dl
 
     monkeypatch.delenv("PAGEDLLM_PDL_EARLY", raising=False)
@@ -70,4 +82,5 @@ def test_attention_triggers_early_by_default(monkeypatch):
     assert [dl.pdl_mode(cpu, kind) for kind in ("attention", "plain", "norm", "silu")] == [
         2, 1, 1, 1]
     monkeypatch.setenv("PAGEDLLM_PDL_EARLY", "")
+    trigger_settings()
     assert dl.pdl_mode(cpu, "attention") == 1

@@ -132,8 +132,8 @@ class SelfAttention(nn.Module):
                 cos, sin = cos.reshape(t, -1).float(), sin.reshape(t, -1).float()
             fused = RotaryInputs(cos, sin, *(qk_norm or (None, None, 0.0)),
                                  by_position=by_position)
-            if (o_sum is not None and type(self.o_proj) is Linear and self.o_proj.bias is None
-                    and combine_linear_applies(t, self.o_proj.weight)):
+            # o_sum is given where combine_linear applies to the step (_o_proj_sums).
+            if o_sum is not None and type(self.o_proj) is Linear and self.o_proj.bias is None:
                 partials = self.attn.forward_partials(q, k, v, kv_cache, metadata,
                                                       rotary=fused)
                 if partials is not None:
@@ -330,9 +330,11 @@ class DecoderForCausalLM(nn.Module):
         """[layers, O_PROJ_MAX_ROWS, hidden] float32 sums for o_proj over attention
         partitions (zeros when made, kept zero between uses by the kernels, as
         ``_mlp_sums``), or None where it cannot run this step."""
-        o_proj = self.model.layers[0].self_attn.o_proj.weight
-        if not combine_linear_applies(rows, o_proj):
+        o_proj = self.model.layers[0].self_attn.o_proj
+        # A quantization method's module may have no ``weight``: it keeps its own o_proj.
+        if not (type(o_proj) is Linear and combine_linear_applies(rows, o_proj.weight)):
             return None
+        o_proj = o_proj.weight
         sums = self.o_proj_sum_buffers
         if sums is None or sums.device != o_proj.device:
             sums = self.o_proj_sum_buffers = torch.zeros(
