@@ -11,8 +11,9 @@ The contract for every kernel launched with ``launch_pdl=True``:
 - it calls ``gdc_wait()`` before it reads anything its predecessor may have written
   (activations, the KV cache, scratch buffers), and writes nothing before it;
 - it calls ``gdc_launch_dependents()`` (the trigger that lets the next kernel start) once
-  that wait has returned, so at most one kernel runs ahead of the one it depends on, or,
-  with ``PAGEDLLM_PDL=early`` (``USE_PDL == 2``, a benchmark setting), as its first act;
+  that wait has returned (``USE_PDL == 1``), so at most one kernel runs ahead of the one
+  it depends on, or as its first act (``USE_PDL == 2``): the kinds ``EARLY_TRIGGER_KINDS``
+  names (the per-head decode kernel), or every kernel with ``PAGEDLLM_PDL=early``;
 - before its wait it reads only what no kernel of the step writes: weights, the step's
   metadata (copied in before the step's first kernel), whole rotary tables, and the cached
   keys and values of earlier steps.  With the early trigger a kernel may start while any
