@@ -179,6 +179,24 @@ def test_row_dot_rule():
     assert not fused_ops._row_dot(1, 8, False, True)
 
 
+def test_o_proj_over_partials_only_for_small_half_precision_weights():
+    """``combine_linear_applies``: a few rows, half precision, and an o_proj of at most
+    ``O_PROJ_MAX_WEIGHT_ELEMENTS`` (measured slower on Llama-8B's); ``force`` lifts the
+    CUDA requirement only."""
+    limit = fused_ops.O_PROJ_MAX_WEIGHT_ELEMENTS
+    small = torch.empty(limit // 128, 128, dtype=torch.bfloat16)
+    big = torch.empty(limit // 128 + 1, 128, dtype=torch.bfloat16)
+    assert fused_ops.combine_linear_applies(1, small, force=True)
+    assert fused_ops.combine_linear_applies(fused_ops.O_PROJ_MAX_ROWS, small, force=True)
+    assert not fused_ops.combine_linear_applies(fused_ops.O_PROJ_MAX_ROWS + 1, small, force=True)
+    assert not fused_ops.combine_linear_applies(1, big, force=True)
+    assert not fused_ops.combine_linear_applies(1, small.float(), force=True)
+    assert not fused_ops.combine_linear_applies(1, small)  # CPU tensors: the torch path
+    if CUDA:
+        assert fused_ops.combine_linear_applies(1, small.cuda()) == fused_ops.FUSED_O_PROJ
+        assert not fused_ops.combine_linear_applies(1, big.cuda())
+
+
 def test_gemv_only_takes_few_row_half_precision_products_on_cuda():
     w = torch.zeros(8, 16, dtype=torch.bfloat16)
     few = torch.zeros(fused_ops.GEMV_MAX_ROWS, 16, dtype=torch.bfloat16)

@@ -483,14 +483,21 @@ def norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
 # At small decode batches the triton backend leaves each head's attention in partitions
 # (``AttentionBackend.forward_partials``) and o_proj combines them as it reads them
 # (``combine_linear``): the attention kernel then ends without the atomic and the reloads
-# of its own combine.  Off unless PAGEDLLM_FUSED_O_PROJ=1: not yet measured on a GPU.
-FUSED_O_PROJ = os.environ.get("PAGEDLLM_FUSED_O_PROJ", "0") == "1"
+# of its own combine.  Measured (H200, W2, 2026-12-02 session 5, device time a step):
+# Qwen3-0.6B 0.570 ms against 0.580 unfused at 128 rows a program (64 rows 0.573, 32 rows
+# 0.623; 8 warps at 64, 128 or 256 rows 0.640, 0.607, 0.641); Llama-3.1-8B slower (4.42 at
+# 64 rows against 4.08: its one-row linears are cuBLAS's, which take the float32 sum through
+# a cast), hence o_proj weights of at most O_PROJ_MAX_WEIGHT_ELEMENTS only.
+# PAGEDLLM_FUSED_O_PROJ=0 turns it off.
+FUSED_O_PROJ = os.environ.get("PAGEDLLM_FUSED_O_PROJ", "1") == "1"
+O_PROJ_MAX_WEIGHT_ELEMENTS = int(float(os.environ.get(
+    "PAGEDLLM_FUSED_O_PROJ_MAX_WEIGHT_ELEMENTS", 1 << 22)))  # Qwen3-0.6B's: 2M; Llama-8B's: 16M
 O_PROJ_MAX_ROWS = 4  # rows of the float32 sums kept per layer (the per-head kernel's batches)
 # Output rows a program.  ptxas for sm90 (head_dim 128, 4 warps): 32 rows take 126
 # registers and 6 barriers, 64 rows 168 and 21, 128 rows 249 and 37 (every program reads
-# its head's partitions from L2, so fewer rows cost more L2 reads).
+# its head's partitions from L2, so fewer rows cost more L2 reads; 128 measured fastest).
 # PAGEDLLM_FUSED_O_PROJ_BLOCK_N sets it, for benchmarking.
-O_PROJ_BLOCK_N = int(os.environ.get("PAGEDLLM_FUSED_O_PROJ_BLOCK_N", 32))
+O_PROJ_BLOCK_N = int(os.environ.get("PAGEDLLM_FUSED_O_PROJ_BLOCK_N", 128))
 O_PROJ_WARPS = int(os.environ.get("PAGEDLLM_FUSED_O_PROJ_WARPS", 4))  # the same, warps
 
 
@@ -499,8 +506,10 @@ O_PROJ_DTYPES = (torch.float16, torch.bfloat16)  # float32 keeps o_proj's one fi
 
 def combine_linear_applies(rows: int, weight: torch.Tensor, force: bool = False) -> bool:
     """Whether ``combine_linear`` may take o_proj for a decode step of ``rows`` rows: on
-    CUDA (or any with ``force``), half precision, at most ``O_PROJ_MAX_ROWS`` rows."""
+    CUDA (or any with ``force``), half precision, at most ``O_PROJ_MAX_ROWS`` rows, a
+    weight of at most ``O_PROJ_MAX_WEIGHT_ELEMENTS`` elements (``force`` too)."""
     return ((force or (FUSED_O_PROJ and use_fused(weight)))
+            and weight.numel() <= O_PROJ_MAX_WEIGHT_ELEMENTS
             and weight.dtype in O_PROJ_DTYPES
             and 0 < rows <= O_PROJ_MAX_ROWS and weight.stride(-1) == 1)
 
