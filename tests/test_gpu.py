@@ -207,9 +207,12 @@ def test_step_io_settings_change_no_token(tmp_path, monkeypatch, settings):
               for i in range(9)]
     runs = {}
     for on in (False, True):
-        for setting in settings:
+        # the settings under test off, then on; the others off throughout (whatever their
+        # defaults), so each case measures only its own
+        for setting in ("cuda_graphs.FEEDS_IDS", "sampler.SIDE_COPY"):
             module, name = setting.split(".")
-            monkeypatch.setattr(importlib.import_module(f"pagedllm.{module}"), name, on)
+            monkeypatch.setattr(importlib.import_module(f"pagedllm.{module}"), name,
+                                on and setting in settings)
         llm = LLM(model=str(tmp_path), device="cuda", dtype="float32", num_kv_blocks=256,
                   attention_backend="triton", max_num_seqs=4)
         assert llm.engine.runner.graphs.feeds_ids == (on and "cuda_graphs.FEEDS_IDS" in settings)
