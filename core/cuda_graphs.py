@@ -32,8 +32,11 @@ from pagedllm.step_layout import StepLayout
 # A graph that samples greedily stores its argmax, as int32, over its own input ids too
 # (``greedy_ids(logits, ids_out=)``): a next greedy step of the same rows in the same order
 # then finds its tokens in place, and the step between the graphs runs no copy kernel
-# (``ModelRunner.prepare``).  Measured slower, so off unless PAGEDLLM_GRAPH_FEEDS_IDS=1
-# (H200, W2 Qwen3-0.6B, 2026-12-02 session 5): device time a step 0.601 against 0.580 ms.
+# (``ModelRunner.prepare``).  Measured no faster, so off unless PAGEDLLM_GRAPH_FEEDS_IDS=1
+# (H200, W2 Qwen3-0.6B, 2026-12-02 session 5): it closes the gap between graphs (TPOT equal
+# to the graphs' device time) but that device time rose, 0.601 against 0.580 ms, and with
+# o_proj over partitions 0.583 against 0.574, both TPOT 0.583; yet its kernel timeline
+# summed 567 us against 592.  Which of the two measures misleads is open.
 FEEDS_IDS = os.environ.get("PAGEDLLM_GRAPH_FEEDS_IDS", "0") == "1"
 
 
