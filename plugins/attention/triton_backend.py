@@ -392,22 +392,16 @@ class TritonAttentionBackend(AttentionBackend):
         splits = self._splits(nd, plan.max_decode_len, query.device)
         dense = plan.decode_ids is None
         ids = md.seq_lens if dense else plan.decode_ids  # unused when dense
-        if partials:
-            if not (per_head and dense):  # forward_partials checked the same rule
-                raise RuntimeError("attention partials need the per-head kernel's batch order")
+        if partials and not (per_head and dense):  # forward_partials checked the same rule
+            raise RuntimeError("attention partials need the per-head kernel's batch order")
+        if partials or splits > 1:
             shape = (nd, self.num_heads, splits)
             part_m = torch.empty(shape, dtype=torch.float32, device=query.device)
             part_l = torch.empty(shape, dtype=torch.float32, device=query.device)
             part_o = torch.empty(shape + (self.head_dim,), dtype=torch.float32,
                                  device=query.device)
-            counters = part_m  # unused: nothing is combined here
-        elif splits > 1:
-            shape = (nd, self.num_heads, splits)
-            part_m = torch.empty(shape, dtype=torch.float32, device=query.device)
-            part_l = torch.empty(shape, dtype=torch.float32, device=query.device)
-            part_o = torch.empty(shape + (self.head_dim,), dtype=torch.float32,
-                                 device=query.device)
-            counters = self._counters_for(nd, query.device)
+            # with partials nothing is combined here: no counters (part_m stands in)
+            counters = part_m if partials else self._counters_for(nd, query.device)
         else:
             part_m = part_l = part_o = counters = out  # unused
         key, value = new_kv

@@ -334,12 +334,12 @@ class DecoderForCausalLM(nn.Module):
         # A quantization method's module may have no ``weight``: it keeps its own o_proj.
         if not (type(o_proj) is Linear and combine_linear_applies(rows, o_proj.weight)):
             return None
-        o_proj = o_proj.weight
+        weight = o_proj.weight
         sums = self.o_proj_sum_buffers
-        if sums is None or sums.device != o_proj.device:
+        if sums is None or sums.device != weight.device:
             sums = self.o_proj_sum_buffers = torch.zeros(
-                len(self.model.layers), fused_ops.O_PROJ_MAX_ROWS, o_proj.shape[0],
-                dtype=torch.float32, device=o_proj.device)
+                len(self.model.layers), fused_ops.O_PROJ_MAX_ROWS, weight.shape[0],
+                dtype=torch.float32, device=weight.device)
         return sums
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -486,16 +486,16 @@ def norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
 # of its own combine.  Measured (H200, W2, 2026-12-02 session 5, device time a step):
 # Qwen3-0.6B 0.570 ms against 0.580 unfused at 128 rows a program (64 rows 0.573, 32 rows
 # 0.623; 8 warps at 64, 128 or 256 rows 0.640, 0.607, 0.641); Llama-3.1-8B slower (4.42 at
-# 64 rows against 4.08: its one-row linears are cuBLAS's, which take the float32 sum through
-# a cast), hence o_proj weights of at most O_PROJ_MAX_WEIGHT_ELEMENTS only.
+# 64 rows against 4.08; not profiled: probably as its big one-row linears are cuBLAS's,
+# which take the float32 sum through a cast), hence o_proj weights of at most
+# O_PROJ_MAX_WEIGHT_ELEMENTS only.
 # PAGEDLLM_FUSED_O_PROJ=0 turns it off.
 FUSED_O_PROJ = os.environ.get("PAGEDLLM_FUSED_O_PROJ", "1") == "1"
 O_PROJ_MAX_WEIGHT_ELEMENTS = int(float(os.environ.get(
     "PAGEDLLM_FUSED_O_PROJ_MAX_WEIGHT_ELEMENTS", 1 << 22)))  # Qwen3-0.6B's: 2M; Llama-8B's: 16M
 O_PROJ_MAX_ROWS = 4  # rows of the float32 sums kept per layer (the per-head kernel's batches)
-# Output rows a program.  ptxas for sm90 (head_dim 128, 4 warps): 32 rows take 126
-# registers and 6 barriers, 64 rows 168 and 21, 128 rows 249 and 37 (every program reads
-# its head's partitions from L2, so fewer rows cost more L2 reads; 128 measured fastest).
+# Output rows a program (every program reads its head's partitions from L2, so fewer rows
+# cost more L2 reads; 128 measured fastest).  What ptxas gives each size: CONTRIBUTING.md.
 # PAGEDLLM_FUSED_O_PROJ_BLOCK_N sets it, for benchmarking.
 O_PROJ_BLOCK_N = int(os.environ.get("PAGEDLLM_FUSED_O_PROJ_BLOCK_N", 128))
 O_PROJ_WARPS = int(os.environ.get("PAGEDLLM_FUSED_O_PROJ_WARPS", 4))  # the same, warps
