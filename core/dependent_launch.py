@@ -21,6 +21,9 @@ The contract for every kernel launched with ``launch_pdl=True``:
   may read.  Whatever a kernel reads after its wait, every kernel before it has finished
   writing (each finished only after its own wait).
 
+A Triton kernel keeps the first two by calling ``pagedllm.pdl_kernels.pdl_start(USE_PDL)``
+as its first act and ``pdl_wait(USE_PDL)`` where it waits.
+
 Kernels launched without PDL (torch's, cuBLAS's) wait for their predecessor as usual, so
 PDL and plain kernels mix freely in one stream and in CUDA graphs.
 """

@@ -18,21 +18,15 @@ import triton.language as tl
 
 from pagedllm.bench.kernels import graphed, time_cuda
 
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:
-    gdc_launch_dependents = gdc_wait = None
+from pagedllm.pdl_kernels import pdl_start, pdl_wait
 
 
 @triton.jit
-def _step_kernel(x_ptr, y_ptr, USE_PDL: tl.constexpr, EARLY: tl.constexpr):
+def _step_kernel(x_ptr, y_ptr, USE_PDL: tl.constexpr):
+    """USE_PDL as the engine's kernels take it (``dependent_launch.pdl_mode``)."""
+    pdl_start(USE_PDL)
     pid = tl.program_id(0)
-    if USE_PDL:
-        if EARLY:
-            gdc_launch_dependents()
-        gdc_wait()
-        if not EARLY:
-            gdc_launch_dependents()
+    pdl_wait(USE_PDL)
     # Each program reads another program's value: the step depends on the whole last one.
     v = tl.load(x_ptr + (pid + 1) % tl.num_programs(0))
     tl.store(y_ptr + pid, v + 1)
@@ -73,12 +67,12 @@ def main(argv=None) -> None:
     bufs = [torch.zeros(p, dtype=torch.int32, device=dev) for _ in range(2)]
     n = args.kernels
     print(f"{torch.cuda.get_device_name()}: {p} programs, {n} kernels a graph")
-    for name, pdl, early in (("plain launch", False, False), ("PDL, trigger after wait", True, False),
-                             ("PDL, trigger at start", True, True)):
+    for name, pdl in (("plain launch", 0), ("PDL, trigger after wait", 1),
+                      ("PDL, trigger at start", 2)):
         def chain():
             for j in range(n):
-                _step_kernel[(p,)](bufs[j % 2], bufs[(j + 1) % 2], USE_PDL=pdl, EARLY=early,
-                                   launch_pdl=pdl, num_warps=4)
+                _step_kernel[(p,)](bufs[j % 2], bufs[(j + 1) % 2], USE_PDL=pdl,
+                                   launch_pdl=pdl > 0, num_warps=4)
         us = _graph_us(chain)
         print(f"  kernel chain, {name:<26}: {us / n:6.2f} us a kernel")
     rounds = 1000

@@ -37,10 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-try:  # programmatic dependent launch (pagedllm.dependent_launch); absent in old Tritons
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # USE_PDL is then never set, and the names are never compiled
-    gdc_launch_dependents = gdc_wait = None
+from pagedllm.pdl_kernels import pdl_start, pdl_wait  # dependent_launch's contract
 
 LOG2E = tl.constexpr(1.4426950408889634)
 COMBINE_ROWS = tl.constexpr(32)  # (head, partition) pairs per round of decode_kernel's combine
@@ -61,12 +58,8 @@ def write_kv_kernel(
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     KVH_PAD: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
-        gdc_launch_dependents()
-    if USE_PDL:
-        gdc_wait()
-        if USE_PDL == 1:
-            gdc_launch_dependents()
+    pdl_start(USE_PDL)
+    pdl_wait(USE_PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.arange(0, KVH_PAD * HEAD_DIM)  # (kv head, dim) flattened
     h = c // HEAD_DIM
@@ -311,8 +304,7 @@ def decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
-        gdc_launch_dependents()
+    pdl_start(USE_PDL)
     i = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -341,10 +333,7 @@ def decode_kernel(
         ok = pos < old_end
         kt, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, pos, ok, d, head_off,
                               stride_cb, stride_cs, BLOCK_SIZE)
-        if USE_PDL:
-            gdc_wait()
-            if USE_PDL == 1:
-                gdc_launch_dependents()
+        pdl_wait(USE_PDL)
         # q first, the new token's key and value after it: unlike decode_head_kernel,
         # which requests them together, this kernel measured slower so (W6 B=128, ctx
         # 4096, H200: 593 against 501 us).
@@ -488,8 +477,7 @@ def decode_head_kernel(
     (the second read hits L2): at small batches the step is latency-bound, not DRAM-bound.
     Same arguments, rounding and partial/combine protocol as ``decode_kernel``, with the
     counters per (sequence, query head); no tl.dot, so float32 needs no special case."""
-    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
-        gdc_launch_dependents()
+    pdl_start(USE_PDL)
     i = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
@@ -512,10 +500,7 @@ def decode_head_kernel(
         old_end = tl.minimum(end, last)
         k, v, ok = _load_head_tile(k_cache_ptr, v_cache_ptr, table_row, start, old_end, d,
                                    head_off, stride_cb, stride_cs, BLOCK_SIZE, BLOCK_N)
-        if USE_PDL:
-            gdc_wait()
-            if USE_PDL == 1:
-                gdc_launch_dependents()
+        pdl_wait(USE_PDL)
         # q and (its partition's) new key and value in one round of loads, as in
         # decode_kernel: the new token's partition no longer waits a second round trip.
         qx, qxp = _rows_and_partners(q_ptr + tok * stride_qt, one * 0 + head * stride_qh,
@@ -601,14 +586,10 @@ def prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
-        gdc_launch_dependents()
+    pdl_start(USE_PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    if USE_PDL:
-        gdc_wait()
-        if USE_PDL == 1:
-            gdc_launch_dependents()
+    pdl_wait(USE_PDL)
     seq = tl.load(tile_seq_ptr + tile)
     q0 = tl.load(tile_start_ptr + tile)  # first query token of this tile, within the sequence
     q_begin = tl.load(query_start_ptr + seq)

@@ -9,13 +9,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-try:  # programmatic dependent launch (pagedllm.dependent_launch); absent in old Tritons
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # USE_PDL is then never set, and the names are never compiled
-    gdc_launch_dependents = gdc_wait = None
+from pagedllm.pdl_kernels import pdl_start, pdl_wait  # dependent_launch's contract
 
-# Every kernel takes USE_PDL: launched with PDL, it waits for its predecessor before it
-# reads or writes activations (weights may be read before), then lets its successor start.
+# Every kernel takes USE_PDL (``pdl_start`` first, ``pdl_wait`` before it reads or writes
+# activations; weights may be read before the wait).
 
 
 @triton.jit
@@ -24,17 +21,13 @@ def rms_norm_kernel(
     stride_x, stride_r, stride_o, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
-        gdc_launch_dependents()
+    pdl_start(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
     dtype = out_ptr.dtype.element_ty
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if USE_PDL:
-        gdc_wait()
-        if USE_PDL == 1:
-            gdc_launch_dependents()
+    pdl_wait(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if x_ptr.dtype.element_ty != dtype:  # a float32 sum (norm_mlp): round it as it was
         x = x.to(dtype).to(tl.float32)
@@ -82,14 +75,10 @@ def rotary_kernel(
     """Rotates token t's q and k heads in place by its row of the step's cos/sin tables
     ([tokens, 2 * HALF] float32, the two halves equal), which torch computed once per step
     exactly as the reference computes them, rather than once per layer here."""
-    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
-        gdc_launch_dependents()
+    pdl_start(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     f = tl.arange(0, HALF)
-    if USE_PDL:
-        gdc_wait()
-        if USE_PDL == 1:
-            gdc_launch_dependents()
+    pdl_wait(USE_PDL)
     cos = tl.load(cos_ptr + t * stride_ct + f).to(tl.float32)[None, :]
     sin = tl.load(sin_ptr + t * stride_ct + f).to(tl.float32)[None, :]
     hq = tl.arange(0, NQ_PAD)[:, None]
@@ -103,14 +92,10 @@ def rotary_kernel(
 @triton.jit
 def silu_and_mul_kernel(x_ptr, out_ptr, n, stride_x, stride_o, BLOCK: tl.constexpr,
                         USE_PDL: tl.constexpr):
-    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
-        gdc_launch_dependents()
+    pdl_start(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    if USE_PDL:
-        gdc_wait()
-        if USE_PDL == 1:
-            gdc_launch_dependents()
+    pdl_wait(USE_PDL)
     mask = cols < n
     dtype = out_ptr.dtype.element_ty
     g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -199,8 +184,7 @@ def gemv_kernel(
     the PDL wait, and the gather costs no kernel and no time.  GATHER 1 reads the ids
     after the wait (eager steps: the kernel just before may have written them).
     """
-    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
-        gdc_launch_dependents()
+    pdl_start(USE_PDL)
     pid = tl.program_id(0)
     dtype = out_ptr.dtype.element_ty
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -220,10 +204,7 @@ def gemv_kernel(
         if ONE_TILE:
             x_gathered = _gemv_input(x_rows, r_rows, rk, m_mask[:, None] & (rk < K)[None, :],
                                      False, dtype)
-    if USE_PDL:
-        gdc_wait()
-        if USE_PDL == 1:
-            gdc_launch_dependents()
+    pdl_wait(USE_PDL)
     if GATHER == 1:
         x_rows = _gathered_rows(x_ptr, ids_ptr, rm, m_mask, stride_xm)
     if ONE_TILE:
@@ -282,15 +263,11 @@ def argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, n, stride_x, BLOCK: tl.conste
     """Stage 1 of a row's argmax: program (row, p) writes the max of its BLOCK columns (as
     float32) and the first column holding it; where the columns hold a NaN (the maximum,
     as in ``torch.argmax``, above +inf too), the first NaN's column c as -c - 1."""
-    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
-        gdc_launch_dependents()
+    pdl_start(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     cols = p * BLOCK + tl.arange(0, BLOCK)
-    if USE_PDL:
-        gdc_wait()
-        if USE_PDL == 1:
-            gdc_launch_dependents()
+    pdl_wait(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=float("-inf"))
     x = x.to(tl.float32)
     nan = x != x
@@ -309,14 +286,10 @@ def argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, parts, ids_ptr, BLOCK: tl.co
     """Stage 2: each row's argmax from its ``parts`` partials (ties: the first column; a
     negative index is its chunk's first NaN, and chunks are in column order).  HAS_IDS:
     also stored as int32 at ``ids`` (a decode graph's next input ids)."""
-    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
-        gdc_launch_dependents()
+    pdl_start(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, BLOCK)
-    if USE_PDL:
-        gdc_wait()
-        if USE_PDL == 1:
-            gdc_launch_dependents()
+    pdl_wait(USE_PDL)
     ok = p < parts
     v = tl.load(val_ptr + row * parts + p, mask=ok, other=float("-inf"))
     i = tl.load(idx_ptr + row * parts + p, mask=ok, other=2147483647)
@@ -345,8 +318,7 @@ def norm_mlp_kernel(
     unfused down_proj rounds its output.  Every other rounding is the unfused ops'.
     Program 0 writes the residual stream x + r to ``r_out``; the programs together zero
     ``zero`` (the previous layer's sum, read by now) for a later layer to add into."""
-    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
-        gdc_launch_dependents()
+    pdl_start(USE_PDL)
     pid = tl.program_id(0)
     dtype = r_out_ptr.dtype.element_ty
     k = tl.arange(0, H_PAD)
@@ -359,10 +331,7 @@ def norm_mlp_kernel(
     j = pid * J + tl.arange(0, J)
     wd = tl.load(w_down_ptr + k.to(tl.int64)[:, None] * stride_down + j[None, :],
                  mask=k_ok[:, None] & (j < I)[None, :], other=0.0)  # [H_PAD, J]
-    if USE_PDL:
-        gdc_wait()
-        if USE_PDL == 1:
-            gdc_launch_dependents()
+    pdl_wait(USE_PDL)
     zk = pid * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
     tl.store(zero_ptr + zk, tl.zeros([ZERO_BLOCK], tl.float32), mask=zk < H)
     x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
@@ -404,8 +373,7 @@ def combine_linear_kernel(
     block and the rows' lengths (M <= MAX_ROWS) are read before the PDL wait.  The
     programs together zero ``zero`` (``zero_size`` floats: an earlier layer's sum, read by
     now)."""
-    if USE_PDL == 2:  # PAGEDLLM_PDL=early: dependents may launch at once
-        gdc_launch_dependents()
+    pdl_start(USE_PDL)
     h = tl.program_id(0)
     j = tl.program_id(1)
     dtype = w_ptr.dtype.element_ty
@@ -417,10 +385,7 @@ def combine_linear_kernel(
     # The rows' lengths are the step's metadata: read before the wait too.
     r = tl.arange(0, MAX_ROWS)
     lens = tl.load(seq_lens_ptr + r, mask=r < M, other=1)
-    if USE_PDL:
-        gdc_wait()
-        if USE_PDL == 1:
-            gdc_launch_dependents()
+    pdl_wait(USE_PDL)
     pid = h * tl.num_programs(1) + j
     zk = pid * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
     tl.store(zero_ptr + zk, tl.zeros([ZERO_BLOCK], tl.float32), mask=zk < zero_size)
