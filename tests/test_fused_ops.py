@@ -404,3 +404,45 @@ def test_norm_mlp_is_the_unfused_mlp(dtype, hidden, inter):
     # The torch path rounds a float32 sum the same way.
     cpu_n, _ = fused_ops.rms_norm(out.cpu(), norm_w.cpu(), 1e-6, res.cpu())
     assert cpu_n.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n,k", [(1, 40, 96), (3, 37, 200), (4, 64, 64)])
+def test_silu_mul_linear_sum_is_the_unfused_down_proj(dtype, rows, n, k, monkeypatch):
+    # down_proj split over its input columns: its float32 sum, rounded, is silu_mul_linear's
+    # output (an atomic sum in another order: close, not equal); it zeroes the given
+    # buffer.  Tiles smaller than the shapes, so several column and row blocks, masked
+    # edges (37 rows, 200 columns) and a zeroed buffer spread over programs.
+    monkeypatch.setattr(fused_ops, "SPLIT_DOWN_BLOCK_N", 16)
+    monkeypatch.setattr(fused_ops, "SPLIT_DOWN_BLOCK_K", 32)
+    gen = torch.Generator().manual_seed(rows * n + k)
+    gate_up = (2 * torch.randn(rows, 2 * k, generator=gen)).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
+    act = F.silu(gate_up[:, :k]) * gate_up[:, k:]  # rounded to dtype, as the model's op
+    want = F.linear(act.float(), w.float()).to(dtype)
+    out = torch.zeros(rows, n, dtype=torch.float32, device=DEVICE)
+    old = torch.randn(3 * n + 5, generator=gen).to(DEVICE)
+    assert fused_ops.silu_mul_linear_sum_applies(rows, w, force=True) == (dtype != torch.float32)
+    got = fused_ops.silu_mul_linear_sum(gate_up, w, out, old)
+    assert got is out and not old.any()
+    _linear_close(out.to(dtype), want, dtype)
+    with pytest.raises(ValueError, match="do not fit"):
+        fused_ops.silu_mul_linear_sum(gate_up, w, out[:, :-1], old)
+
+
+def test_split_down_only_for_one_row_small_half_precision_weights():
+    """``silu_mul_linear_sum_applies``: one row (up to the sums' rows when forced), half
+    precision, a down_proj of at most ``SPLIT_DOWN_MAX_WEIGHT_ELEMENTS`` elements."""
+    small = torch.zeros(64, 32, dtype=torch.bfloat16)
+    big = torch.zeros(1, fused_ops.SPLIT_DOWN_MAX_WEIGHT_ELEMENTS + 1, dtype=torch.bfloat16)
+    assert fused_ops.silu_mul_linear_sum_applies(1, small, force=True)
+    assert fused_ops.silu_mul_linear_sum_applies(fused_ops.O_PROJ_MAX_ROWS, small, force=True)
+    assert not fused_ops.silu_mul_linear_sum_applies(fused_ops.O_PROJ_MAX_ROWS + 1, small,
+                                                     force=True)
+    assert not fused_ops.silu_mul_linear_sum_applies(1, big, force=True)
+    assert not fused_ops.silu_mul_linear_sum_applies(1, small.float(), force=True)
+    assert not fused_ops.silu_mul_linear_sum_applies(1, small)  # CPU tensors: the torch path
+    if CUDA:
+        assert fused_ops.silu_mul_linear_sum_applies(1, small.cuda()) == fused_ops.SPLIT_DOWN
+        assert not fused_ops.silu_mul_linear_sum_applies(2, small.cuda())
+        assert not fused_ops.silu_mul_linear_sum_applies(1, big.cuda())

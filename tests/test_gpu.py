@@ -189,6 +189,16 @@ def test_o_proj_over_attention_partials_keeps_the_tokens(tmp_path, monkeypatch):
     assert sum(a == b for a, b in zip(runs[False], runs[True])) >= 6
 
 
+def test_split_down_proj_keeps_the_tokens(tmp_path, monkeypatch):
+    """``PAGEDLLM_SPLIT_DOWN``: at one row a step, down_proj split over its columns (a
+    float32 sum of the column blocks' shares in no fixed order, rounded once by the next
+    norm, as the unfused down_proj rounds its own): the unfused greedy tokens, bar the rare
+    near-tie that another summation order flips."""
+    runs = _greedy_with_and_without(tmp_path, monkeypatch, "SPLIT_DOWN", 10, 1,
+                                    "down_sum_buffers")
+    assert sum(a == b for a, b in zip(runs[False], runs[True])) >= 6
+
+
 @pytest.mark.parametrize("settings", [{"cuda_graphs.FEEDS_IDS"}, {"sampler.SIDE_COPY"},
                                       {"cuda_graphs.FEEDS_IDS", "sampler.SIDE_COPY"}],
                          ids=["feeds-ids", "side-copy", "both"])

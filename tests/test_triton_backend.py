@@ -489,6 +489,54 @@ def test_whole_model_o_proj_over_partials_keeps_the_tokens(tmp_path, monkeypatch
     assert results[True] == results[False]
 
 
+@needs_kernels
+def test_whole_model_split_down_proj_keeps_the_tokens(tmp_path, monkeypatch):
+    # The model's whole path with down_proj split over its columns (forced on here, and for
+    # float32, so tokens compare exactly), beside o_proj over partitions: each layer's
+    # down_proj adds into a float32 sum that the next layer's norm (the last one's: the
+    # final norm) reads, and zeroes the layer before's.  One row a step (max_num_seqs 1),
+    # as it runs by default; with three rows a step it must stay off.
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.plugins.models import decoder, fused_ops
+
+    from tiny_models import build_tiny_model, random_prompts
+
+    build_tiny_model("qwen3", tmp_path)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([6, 11, 3], seed=5)]
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    monkeypatch.setattr(fused_ops, "O_PROJ_DTYPES", (torch.float32,))
+    monkeypatch.setattr(TritonAttentionBackend, "partials_dtypes", (torch.float32,))
+    monkeypatch.setattr(decoder, "combine_linear_applies",
+                        lambda rows, w: fused_ops.combine_linear_applies(rows, w, True))
+    results = {}
+    for split, seqs in ((False, 1), (True, 1), (True, 3)):
+        if split:
+            monkeypatch.setattr(
+                decoder, "silu_mul_linear_sum_applies",
+                lambda rows, w: rows == 1 and fused_ops.silu_mul_linear_sum_applies(rows, w, True))
+        calls = []
+        monkeypatch.setattr(decoder, "silu_mul_linear_sum",
+                            lambda *a: calls.append(1) or fused_ops.silu_mul_linear_sum(*a))
+        llm = LLM(model=str(tmp_path), device=str(DEVICE), dtype="float32",
+                  attention_backend="triton", block_size=4, num_kv_blocks=64,
+                  max_num_seqs=seqs)
+        results[split, seqs] = [o.outputs[0].token_ids
+                                for o in llm.generate(prompts, params, use_tqdm=False)]
+        model = llm.engine.model
+        assert (model.down_sum_buffers is not None) == (split and seqs == 1)
+        layers = len(model.model.layers)
+        # One row a step: every layer of the 18 decode steps (6 a prompt; the prefills have
+        # more rows); three rows a step: none (every prompt decodes beside the others).
+        if split and seqs == 1:
+            assert len(calls) == 18 * layers
+            # Zero again after every step but the last layer's, which the next step zeroes.
+            sums = model.down_sum_buffers
+            assert not sums[:-1].any() and sums[-1, 0].any() and not sums[-1, 1:].any()
+        else:
+            assert not calls
+    assert results[True, 1] == results[False, 1] == results[True, 3]
+
+
 # ---- always ------------------------------------------------------------------------------
 
 def test_supports_rejects_what_the_kernels_cannot_do():
@@ -532,7 +580,8 @@ def test_interpreted_checks_pass():
     """
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-           "-k", "triton and not triton-64- and not triton-128-",
+           # The conformance grid's triton cases; every test here and in test_fused_ops.
+           "-k", "(triton or fused_ops) and not triton-64- and not triton-128-",
            str(TESTS / "test_triton_backend.py"), str(TESTS / "test_attention_conformance.py"),
            str(TESTS / "test_fused_ops.py")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=TESTS.parent,

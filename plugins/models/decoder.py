@@ -21,7 +21,8 @@ from pagedllm.attention import AttentionMetadata, RotaryInputs
 from . import fused_ops
 from .fused_ops import (argmax, combine_linear, combine_linear_applies, linear, norm_mlp,
                         norm_mlp_applies, rms_norm, rms_norm_linear, rotary, silu_and_mul,
-                        silu_mul_linear, use_fused)
+                        silu_mul_linear, silu_mul_linear_sum, silu_mul_linear_sum_applies,
+                        use_fused)
 from .rope import RotaryEmbedding, rope_parameters
 
 # Checkpoint projection -> (our stacked parameter, its shard index).
@@ -79,10 +80,17 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.down(self.gate_up_proj(x))
 
-    def down(self, gate_up):
-        """The MLP from its gate/up projection on."""
+    def down(self, gate_up, down_sum=None):
+        """The MLP from its gate/up projection on.  ``down_sum``: (this layer's float32 sum,
+        the one to zero) where down_proj may run split over its input columns
+        (``fused_ops.silu_mul_linear_sum``): the output is then that float32 sum, which the
+        next norm rounds."""
         if self.silu:
             if type(self.down_proj) is Linear:  # not replaced by a quantization method
+                if down_sum is not None and self.down_proj.bias is None:
+                    out, zero = down_sum
+                    return silu_mul_linear_sum(gate_up, self.down_proj.weight,
+                                               out[:gate_up.shape[0]], zero)
                 return silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
             return self.down_proj(silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
@@ -156,7 +164,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, residual, rope, kv_cache, metadata, mlp_sum=None, ids=None,
-                o_sum=None):
+                o_sum=None, down_sum=None):
         """Returns (this layer's MLP output, the residual stream before it); the next norm
         adds them, so each add is fused into a norm (and at decode each norm into the
         projection after it).  ``mlp_sum``: (this layer's float32 sum, the previous
@@ -164,7 +172,7 @@ class DecoderLayer(nn.Module):
         then that float32 sum, which the next norm rounds.  ``ids`` (the first layer): x is
         the embedding table and the input its rows ``ids``, gathered inside the first
         projection where it can (``fused_ops.rms_norm_linear``).  ``o_sum``: see
-        ``SelfAttention.attend``."""
+        ``SelfAttention.attend``; ``down_sum``: ``MLP.down``."""
         attn = self.self_attn
         qkv, residual = _norm_then_project(self.input_layernorm, attn.qkv_proj, x, residual,
                                            ids)
@@ -180,7 +188,7 @@ class DecoderLayer(nn.Module):
             return out, residual
         gate_up, residual = _norm_then_project(self.post_attention_layernorm,
                                                self.mlp.gate_up_proj, h, residual)
-        return self.mlp.down(gate_up), residual
+        return self.mlp.down(gate_up, down_sum), residual
 
 
 def _norm_then_project(norm: RMSNorm, proj: nn.Module, x, residual, ids=None):
@@ -232,6 +240,7 @@ class DecoderForCausalLM(nn.Module):
         # buffer: no checkpoint holds it.
         self.mlp_sum_buffers: torch.Tensor | None = None
         self.o_proj_sum_buffers: torch.Tensor | None = None  # ``_o_proj_sums``
+        self.down_sum_buffers: torch.Tensor | None = None  # ``_down_sums``
 
     def _place(self, name: str) -> torch.Tensor | None:
         """The tensor (a parameter, or a shard of a stacked one) a checkpoint name loads into."""
@@ -305,6 +314,7 @@ class DecoderForCausalLM(nn.Module):
         residual = None
         sums = self._mlp_sums(table, input_ids.shape[0])
         o_sums = self._o_proj_sums(input_ids.shape[0]) if attn.fuses_rotary(metadata) else None
+        d_sums = self._down_sums(input_ids.shape[0]) if sums is None else None
         for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
             # Layer i adds into sum i and zeroes sum i - 1 (the last one, at layer 0), which
             # the norm after it has read: every sum is zero again when its turn comes.
@@ -312,7 +322,9 @@ class DecoderForCausalLM(nn.Module):
                                 None if sums is None else (sums[i], sums[i - 1]),
                                 ids=input_ids if i == 0 else None,
                                 o_sum=None if o_sums is None else (o_sums[i],
-                                                                   o_sums[i - 1].view(-1)))
+                                                                   o_sums[i - 1].view(-1)),
+                                down_sum=None if d_sums is None else (d_sums[i],
+                                                                      d_sums[i - 1].view(-1)))
         return self.model.norm(x, residual)[0]
 
     def _mlp_sums(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -340,6 +352,22 @@ class DecoderForCausalLM(nn.Module):
             sums = self.o_proj_sum_buffers = torch.zeros(
                 len(self.model.layers), fused_ops.O_PROJ_MAX_ROWS, weight.shape[0],
                 dtype=torch.float32, device=weight.device)
+        return sums
+
+    def _down_sums(self, rows: int) -> torch.Tensor | None:
+        """[layers, O_PROJ_MAX_ROWS, hidden] float32 sums for down_proj split over its
+        columns (``fused_ops.silu_mul_linear_sum``), kept zero between uses as
+        ``_o_proj_sums``, or None where it does not run this step."""
+        mlp = self.model.layers[0].mlp
+        down = mlp.down_proj
+        if not (mlp.silu and type(down) is Linear and down.bias is None
+                and silu_mul_linear_sum_applies(rows, down.weight)):
+            return None
+        sums = self.down_sum_buffers
+        if sums is None or sums.device != down.weight.device:
+            sums = self.down_sum_buffers = torch.zeros(
+                len(self.model.layers), fused_ops.O_PROJ_MAX_ROWS, down.weight.shape[0],
+                dtype=torch.float32, device=down.weight.device)
         return sums
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -416,3 +416,41 @@ def combine_linear_kernel(
         o = (o / w_sum).to(dtype).to(tl.float32)
         y = tl.sum(w.to(tl.float32) * o[None, :], axis=1)
         tl.atomic_add(sum_ptr + m * N + rn, y, mask=n_ok, sem="relaxed")
+
+
+@triton.jit
+def silu_mul_split_kernel(
+    x_ptr, w_ptr, sum_ptr, zero_ptr, M, N, K, stride_xm, stride_wn, zero_size,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ZERO_BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """down_proj of a few rows split over its input columns: program (c, j) takes columns
+    [c * BLOCK_K, (c + 1) * BLOCK_K) of silu(gate) * up (x holds [gate | up], 2K wide,
+    rounded as ``silu_and_mul_kernel`` rounds it) and weight rows [j * BLOCK_N, (j + 1) *
+    BLOCK_N), and adds its share into ``sum`` ([M, N] float32, zero on entry) with atomics,
+    in no fixed order; the sum's reader rounds it.  Its weight block is read before the
+    PDL wait; after it, each program reads only its own columns of x (where one program a
+    weight-row block would read all 2K of them and reduce across warps).  The programs
+    together zero ``zero`` (``zero_size`` floats: an earlier layer's sum, read by now)."""
+    pdl_start(USE_PDL)
+    c = tl.program_id(0)
+    j = tl.program_id(1)
+    dtype = w_ptr.dtype.element_ty
+    rn = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = c * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    k_ok = rk < K
+    w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :],
+                mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+    pdl_wait(USE_PDL)
+    pid = c * tl.num_programs(1) + j
+    zk = pid * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+    tl.store(zero_ptr + zk, tl.zeros([ZERO_BLOCK], tl.float32), mask=zk < zero_size)
+    for m in range(M):
+        row = x_ptr + (m * stride_xm).to(tl.int64)
+        g = tl.load(row + rk, mask=k_ok, other=0.0).to(tl.float32)
+        u = tl.load(row + K + rk, mask=k_ok, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        act = (s * u).to(dtype).to(tl.float32)
+        y = tl.sum(w.to(tl.float32) * act[None, :], axis=1)  # [BLOCK_N]
+        tl.atomic_add(sum_ptr + m * N + rn, y, mask=n_ok, sem="relaxed")

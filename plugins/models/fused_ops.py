@@ -493,7 +493,9 @@ def norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
 FUSED_O_PROJ = os.environ.get("PAGEDLLM_FUSED_O_PROJ", "1") == "1"
 O_PROJ_MAX_WEIGHT_ELEMENTS = int(float(os.environ.get(
     "PAGEDLLM_FUSED_O_PROJ_MAX_WEIGHT_ELEMENTS", 1 << 22)))  # Qwen3-0.6B's: 2M; Llama-8B's: 16M
-O_PROJ_MAX_ROWS = 4  # rows of the float32 sums kept per layer (the per-head kernel's batches)
+# Rows of the float32 sums kept per layer (the per-head kernel's batches); down_proj's
+# (``silu_mul_linear_sum``) have as many.
+O_PROJ_MAX_ROWS = 4
 # Output rows a program (every program reads its head's partitions from L2, so fewer rows
 # cost more L2 reads; 128 measured fastest).  What ptxas gives each size: CONTRIBUTING.md.
 # PAGEDLLM_FUSED_O_PROJ_BLOCK_N sets it, for benchmarking.
@@ -536,4 +538,58 @@ def combine_linear(partials, weight: torch.Tensor, out_sum: torch.Tensor,
         NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_N=block_n, CHUNK=32, ZERO_BLOCK=zero_block,
         MAX_ROWS=_next_pow2(O_PROJ_MAX_ROWS),
         **_pdl(out_sum, "plain"), num_warps=O_PROJ_WARPS)
+    return out_sum
+
+
+# ---- down_proj split over its input columns -----------------------------------------------------
+# At one row the GEMV gives each program a few whole weight rows of down_proj, so every
+# program reads all of gate/up (2 x intermediate values) after the PDL wait and reduces
+# across its warps; split over the columns instead (``silu_mul_split_kernel``), a program
+# reads its own block of them and sums inside each warp, and its share goes into a float32
+# sum with atomics, which the next norm rounds (as o_proj's ``combine_linear``).
+# PAGEDLLM_SPLIT_DOWN=0 turns it off; _BLOCK_N/_BLOCK_K/_WARPS set its tile, for
+# benchmarking.
+SPLIT_DOWN = os.environ.get("PAGEDLLM_SPLIT_DOWN", "1") == "1"
+SPLIT_DOWN_MAX_ROWS = int(os.environ.get("PAGEDLLM_SPLIT_DOWN_MAX_ROWS", 1))
+# As o_proj's: big models' down_proj is cuBLAS's, bandwidth-bound already.
+SPLIT_DOWN_MAX_WEIGHT_ELEMENTS = int(float(os.environ.get(
+    "PAGEDLLM_SPLIT_DOWN_MAX_WEIGHT_ELEMENTS", 1 << 22)))  # Qwen3-0.6B's: 3M
+SPLIT_DOWN_BLOCK_N = int(os.environ.get("PAGEDLLM_SPLIT_DOWN_BLOCK_N", 128))
+SPLIT_DOWN_BLOCK_K = int(os.environ.get("PAGEDLLM_SPLIT_DOWN_BLOCK_K", 128))
+SPLIT_DOWN_WARPS = int(os.environ.get("PAGEDLLM_SPLIT_DOWN_WARPS", 4))
+
+
+def silu_mul_linear_sum_applies(rows: int, weight: torch.Tensor, force: bool = False) -> bool:
+    """Whether ``silu_mul_linear_sum`` may take down_proj for ``rows`` rows: on CUDA (or
+    any with ``force``), half precision, at most ``SPLIT_DOWN_MAX_ROWS`` rows (with
+    ``force``: ``O_PROJ_MAX_ROWS``), a weight of at most ``SPLIT_DOWN_MAX_WEIGHT_ELEMENTS``."""
+    max_rows = O_PROJ_MAX_ROWS if force else min(SPLIT_DOWN_MAX_ROWS, O_PROJ_MAX_ROWS)
+    return ((force or (SPLIT_DOWN and use_fused(weight)))
+            and weight.numel() <= SPLIT_DOWN_MAX_WEIGHT_ELEMENTS
+            and weight.dtype in O_PROJ_DTYPES
+            and 0 < rows <= max_rows and weight.stride(-1) == 1)
+
+
+def silu_mul_linear_sum(gate_up: torch.Tensor, weight: torch.Tensor, out_sum: torch.Tensor,
+                        zero: torch.Tensor) -> torch.Tensor:
+    """``silu_and_mul(gate_up) @ weight.T`` added into ``out_sum`` ([rows, N] float32, zero
+    on entry) and returned: the column blocks' shares are added with atomics, so in no
+    fixed order, and its reader rounds it to the activation dtype (as down_proj rounds its
+    output).  ``zero`` (float32, contiguous) is set to zero on the way."""
+    x2 = gate_up.reshape(-1, gate_up.shape[-1])
+    rows = x2.shape[0]
+    n, k = weight.shape
+    if x2.shape[1] != 2 * k or tuple(out_sum.shape) != (rows, n) or rows > O_PROJ_MAX_ROWS:
+        raise ValueError(f"silu_mul_linear_sum: gate_up {tuple(gate_up.shape)}, weight "
+                         f"{tuple(weight.shape)}, sum {tuple(out_sum.shape)} do not fit")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    block_n = min(SPLIT_DOWN_BLOCK_N, _next_pow2(n))
+    block_k = min(SPLIT_DOWN_BLOCK_K, _next_pow2(k))
+    grid = (-(-k // block_k), -(-n // block_n))
+    zero_block = _next_pow2(-(-zero.numel() // (grid[0] * grid[1])))
+    _kernels().silu_mul_split_kernel[grid](
+        x2, weight, out_sum, zero, rows, n, k, x2.stride(0), weight.stride(0), zero.numel(),
+        BLOCK_N=block_n, BLOCK_K=block_k, ZERO_BLOCK=zero_block,
+        **_pdl(out_sum, "silu"), num_warps=SPLIT_DOWN_WARPS)
     return out_sum
