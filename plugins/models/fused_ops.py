@@ -546,7 +546,17 @@ def combine_linear(partials, weight: torch.Tensor, out_sum: torch.Tensor,
 # program reads all of gate/up (2 x intermediate values) after the PDL wait and reduces
 # across its warps; split over the columns instead (``silu_mul_split_kernel``), a program
 # reads its own block of them and sums inside each warp, and its share goes into a float32
-# sum with atomics, which the next norm rounds (as o_proj's ``combine_linear``).
+# sum with atomics, which the next norm rounds (as o_proj's ``combine_linear``).  It also
+# computes each SiLU once, where the GEMV's 512 programs each computed all 3072 of them.
+# Measured (H200, W2 Qwen3-0.6B, device time a step, 2026-12-02 session 6, each figure
+# from one call beside the unsplit 0.569-0.570 ms): 32 weight rows x 128 columns a
+# program, 4 warps, 0.551 (three runs; TPOT 0.561 against 0.579-0.580); 16 x 256 0.552;
+# 64 x 128 0.571-0.573; 128 x 128 0.584; 64 x 64 0.587; 16 x 128 0.576; 32 x 256 0.571;
+# 128 x 64 and 256 x 64 0.584-0.590; 32 x 128 on 2 warps 0.571, 128 x 128 on 8 0.586.
+# In the kernel timeline the split kernel adds 1.9 us a layer against the GEMV's 3.9,
+# but the next layer's qkv GEMV starts later under PDL (4.3 us against 3.0; its programs
+# find no room beside the split's); with the split's trigger at its start (PAGEDLLM_PDL_
+# EARLY=attention,silu) qkv starts early but the split slows to 2.8: 0.558.
 # PAGEDLLM_SPLIT_DOWN=0 turns it off; _BLOCK_N/_BLOCK_K/_WARPS set its tile, for
 # benchmarking.
 SPLIT_DOWN = os.environ.get("PAGEDLLM_SPLIT_DOWN", "1") == "1"
@@ -554,7 +564,7 @@ SPLIT_DOWN_MAX_ROWS = int(os.environ.get("PAGEDLLM_SPLIT_DOWN_MAX_ROWS", 1))
 # As o_proj's: big models' down_proj is cuBLAS's, bandwidth-bound already.
 SPLIT_DOWN_MAX_WEIGHT_ELEMENTS = int(float(os.environ.get(
     "PAGEDLLM_SPLIT_DOWN_MAX_WEIGHT_ELEMENTS", 1 << 22)))  # Qwen3-0.6B's: 3M
-SPLIT_DOWN_BLOCK_N = int(os.environ.get("PAGEDLLM_SPLIT_DOWN_BLOCK_N", 128))
+SPLIT_DOWN_BLOCK_N = int(os.environ.get("PAGEDLLM_SPLIT_DOWN_BLOCK_N", 32))
 SPLIT_DOWN_BLOCK_K = int(os.environ.get("PAGEDLLM_SPLIT_DOWN_BLOCK_K", 128))
 SPLIT_DOWN_WARPS = int(os.environ.get("PAGEDLLM_SPLIT_DOWN_WARPS", 4))
 
