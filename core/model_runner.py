@@ -3,9 +3,10 @@ a CUDA graph.
 
 Host side, a step's integer inputs (token ids, positions, slots, sequence lengths, query
 starts, sample rows, block tables) are written with numpy into one pinned int32 buffer and
-reach the device in a single copy; the tensors the model sees are views of it.  A token the
-previous step sampled but the host has not seen yet (``-1``, see ``LLMEngine`` on async
-scheduling) is filled in on the device from that step's token tensor.
+reach the device in a single copy (for small steps, one kernel: ``step_inputs``); the
+tensors the model sees are views of it.  A token the previous step sampled but the host has
+not seen yet (``-1``, see ``LLMEngine`` on async scheduling) is filled in on the device from
+that step's token tensor.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pagedllm import step_inputs
 from pagedllm.attention import AttentionMetadata
 from pagedllm.cuda_graphs import DecodeGraphs
 from pagedllm.kv_cache import KVCacheManager
@@ -127,9 +129,10 @@ class ModelRunner:
             if n == 1:
                 tok = req.token_id_at(start)
                 if tok == PLACEHOLDER:
+                    src_row = prev_rows[rid]
                     fill_dst.append(row)
-                    fill_src.append(prev_rows[rid])
-                    tok = 0
+                    fill_src.append(src_row)
+                    tok = -(src_row + 1)  # step_inputs.copy_in's reference; else filled
                 slot = table[start // bs] * bs + start % bs
                 if decodes:
                     ids.append(tok)
@@ -190,10 +193,18 @@ class ModelRunner:
             dev = self.graphs.buffer(size)
         else:
             dev = torch.empty(size, dtype=torch.int32, device=self.device)
-        dev[start:].copy_(src, non_blocking=self.device.type == "cuda")
+        fill = bool(fill_dst) and not fed
+        # A small step's inputs come in by one kernel that also takes the awaited tokens
+        # (step_inputs); a big one's by a copy, then the fill.
+        by_kernel = step_inputs.applies(size - start, self.device)
+        if by_kernel:
+            step_inputs.copy_in(src, dev[start:], prev_tokens if fill else None,
+                                cut["ids"].stop - start)
+        else:
+            dev[start:].copy_(src, non_blocking=self.device.type == "cuda")
         view = {name: dev[s] for name, s in cut.items()}
         input_ids = view["ids"]
-        if fill_dst and not fed:
+        if fill and not by_kernel:
             fill_placeholders(input_ids, prev_tokens, fill_dst, fill_src, view["fill_dst"],
                               view["fill_src"])
         # A graph batch declares the longest context its graph was captured for.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm import LLM, SamplingParams
+from pagedllm import LLM, SamplingParams, step_inputs
 from pagedllm.plugin_manager import get_registry
 
 from tiny_models import TINY_MODELS, build_tiny_model, hf_greedy, random_prompts
@@ -200,14 +200,19 @@ def test_split_down_proj_keeps_the_tokens(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("settings", [{"cuda_graphs.FEEDS_IDS"}, {"sampler.SIDE_COPY"},
-                                      {"cuda_graphs.FEEDS_IDS", "sampler.SIDE_COPY"}],
-                         ids=["feeds-ids", "side-copy", "both"])
+                                      {"cuda_graphs.FEEDS_IDS", "sampler.SIDE_COPY"},
+                                      {"step_inputs.ENABLED"},
+                                      {"step_inputs.ENABLED", "sampler.SIDE_COPY",
+                                       "cuda_graphs.FEEDS_IDS"}],
+                         ids=["feeds-ids", "side-copy", "both", "input-kernel", "all"])
 def test_step_io_settings_change_no_token(tmp_path, monkeypatch, settings):
     """``PAGEDLLM_GRAPH_FEEDS_IDS`` (a decode graph stores its argmax over its own input
     ids and the next greedy step of the same rows copies none in) and
     ``PAGEDLLM_SIDE_COPY`` (the token ids go to the host on a side stream, which the next
-    step's model waits for): the same tokens, exactly, with batches that grow and shrink
-    (where the ids must be copied after all)."""
+    step's model waits for) and ``PAGEDLLM_STEP_INPUT_KERNEL`` (a small step's inputs
+    read from pinned host memory by a kernel that also takes the awaited tokens): the same
+    tokens, exactly, with batches that grow and shrink (where the ids must be copied after
+    all)."""
     import importlib
 
     build_tiny_model("qwen3", tmp_path)
@@ -219,7 +224,7 @@ def test_step_io_settings_change_no_token(tmp_path, monkeypatch, settings):
     for on in (False, True):
         # the settings under test off, then on; the others off throughout (whatever their
         # defaults), so each case measures only its own
-        for setting in ("cuda_graphs.FEEDS_IDS", "sampler.SIDE_COPY"):
+        for setting in ("cuda_graphs.FEEDS_IDS", "sampler.SIDE_COPY", "step_inputs.ENABLED"):
             module, name = setting.split(".")
             monkeypatch.setattr(importlib.import_module(f"pagedllm.{module}"), name,
                                 on and setting in settings)
@@ -227,6 +232,11 @@ def test_step_io_settings_change_no_token(tmp_path, monkeypatch, settings):
                   attention_backend="triton", max_num_seqs=4)
         assert llm.engine.runner.graphs.feeds_ids == (on and "cuda_graphs.FEEDS_IDS" in settings)
         assert llm.engine.sampler.side_copy == (on and "sampler.SIDE_COPY" in settings)
+        calls = []
+        copy_in = step_inputs.copy_in
+        monkeypatch.setattr(step_inputs, "copy_in", lambda *a: calls.append(1) or copy_in(*a))
         runs[on] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
                                                                  use_tqdm=False)]
+        monkeypatch.setattr(step_inputs, "copy_in", copy_in)
+        assert bool(calls) == (on and "step_inputs.ENABLED" in settings)
     assert runs[True] == runs[False]

@@ -580,10 +580,11 @@ def test_interpreted_checks_pass():
     """
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-           # The conformance grid's triton cases; every test here and in test_fused_ops.
-           "-k", "(triton or fused_ops) and not triton-64- and not triton-128-",
+           # The conformance grid's triton cases; every test here, in test_fused_ops and
+           # in test_step_inputs.
+           "-k", "(triton or fused_ops or step_inputs) and not triton-64- and not triton-128-",
            str(TESTS / "test_triton_backend.py"), str(TESTS / "test_attention_conformance.py"),
-           str(TESTS / "test_fused_ops.py")]
+           str(TESTS / "test_fused_ops.py"), str(TESTS / "test_step_inputs.py")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=TESTS.parent,
                          timeout=900)
     tail = (out.stdout + out.stderr)[-6000:]
