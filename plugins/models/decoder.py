@@ -82,16 +82,15 @@ class MLP(nn.Module):
 
     def down(self, gate_up, down_sum=None):
         """The MLP from its gate/up projection on.  ``down_sum``: (this layer's float32 sum,
-        the one to zero, the next kernel's weight or None) where down_proj may run split
-        over its input columns
+        the one to zero) where down_proj may run split over its input columns
         (``fused_ops.silu_mul_linear_sum``): the output is then that float32 sum, which the
         next norm rounds."""
         if self.silu:
             if type(self.down_proj) is Linear:  # not replaced by a quantization method
                 if down_sum is not None and self.down_proj.bias is None:
-                    out, zero, prefetch = down_sum
+                    out, zero = down_sum
                     return silu_mul_linear_sum(gate_up, self.down_proj.weight,
-                                               out[:gate_up.shape[0]], zero, prefetch)
+                                               out[:gate_up.shape[0]], zero)
                 return silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
             return self.down_proj(silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
@@ -324,8 +323,8 @@ class DecoderForCausalLM(nn.Module):
                                 ids=input_ids if i == 0 else None,
                                 o_sum=None if o_sums is None else (o_sums[i],
                                                                    o_sums[i - 1].view(-1)),
-                                down_sum=None if d_sums is None else (
-                                    d_sums[i], d_sums[i - 1].view(-1), self._next_qkv(i)))
+                                down_sum=None if d_sums is None else (d_sums[i],
+                                                                      d_sums[i - 1].view(-1)))
         return self.model.norm(x, residual)[0]
 
     def _mlp_sums(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -354,14 +353,6 @@ class DecoderForCausalLM(nn.Module):
                 len(self.model.layers), fused_ops.O_PROJ_MAX_ROWS, weight.shape[0],
                 dtype=torch.float32, device=weight.device)
         return sums
-
-    def _next_qkv(self, i: int) -> torch.Tensor | None:
-        """Layer i + 1's qkv weight (None past the last layer, or where a quantization
-        method replaced the projection)."""
-        layers = self.model.layers
-        if i + 1 >= len(layers) or type(layers[i + 1].self_attn.qkv_proj) is not Linear:
-            return None
-        return layers[i + 1].self_attn.qkv_proj.weight
 
     def _down_sums(self, rows: int) -> torch.Tensor | None:
         """[layers, O_PROJ_MAX_ROWS, hidden] float32 sums for down_proj split over its

@@ -419,28 +419,10 @@ def combine_linear_kernel(
 
 
 @triton.jit
-def _l2_prefetch(addr, pid, total_bytes, lane_bytes, THREADS: tl.constexpr):
-    """Ask L2 for program ``pid``'s share of a byte range (lane_bytes from ``addr``, a
-    multiple of 16, less at the range's end): one bulk prefetch, by one thread.  A hint:
-    it changes no result, and nothing waits for it.  The vector spans the program's
-    ``THREADS`` threads, one element each (a shorter one would be replicated over warps,
-    each copy a prefetch)."""
-    size = tl.minimum(tl.maximum(total_bytes - pid.to(tl.int64) * lane_bytes, 0), lane_bytes)
-    t = tl.arange(0, THREADS)
-    size = tl.where(t == 0, size, 0).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; "
-        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [addr + t * 0, size], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def silu_mul_split_kernel(
     x_ptr, w_ptr, sum_ptr, zero_ptr, M, N, K, stride_xm, stride_wn, zero_size,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ZERO_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
-    pf_addr=0, pf_bytes=0, pf_lane_bytes=16, PREFETCH: tl.constexpr = 0,
-    PF_THREADS: tl.constexpr = 128,
 ):
     """down_proj of a few rows split over its input columns: program (c, j) takes columns
     [c * BLOCK_K, (c + 1) * BLOCK_K) of silu(gate) * up (x holds [gate | up], 2K wide,
@@ -449,11 +431,7 @@ def silu_mul_split_kernel(
     in no fixed order; the sum's reader rounds it.  Its weight block is read before the
     PDL wait; after it, each program reads only its own columns of x (where one program a
     weight-row block would read all 2K of them and reduce across warps).  The programs
-    together zero ``zero`` (``zero_size`` floats: an earlier layer's sum, read by now).
-
-    PREFETCH (CUDA sm90+ only): the programs also ask L2 for ``pf_bytes`` at ``pf_addr``
-    (the next kernel's weight), ``pf_lane_bytes`` each, 1 before the PDL wait, 2 right
-    after it (``_l2_prefetch``)."""
+    together zero ``zero`` (``zero_size`` floats: an earlier layer's sum, read by now)."""
     pdl_start(USE_PDL)
     c = tl.program_id(0)
     j = tl.program_id(1)
@@ -464,14 +442,8 @@ def silu_mul_split_kernel(
     k_ok = rk < K
     w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :],
                 mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-    pid = c * tl.num_programs(1) + j
-    if PREFETCH == 1:
-        _l2_prefetch(pf_addr + pid.to(tl.int64) * pf_lane_bytes, pid, pf_bytes, pf_lane_bytes,
-                     PF_THREADS)
     pdl_wait(USE_PDL)
-    if PREFETCH == 2:
-        _l2_prefetch(pf_addr + pid.to(tl.int64) * pf_lane_bytes, pid, pf_bytes, pf_lane_bytes,
-                     PF_THREADS)
+    pid = c * tl.num_programs(1) + j
     zk = pid * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
     tl.store(zero_ptr + zk, tl.zeros([ZERO_BLOCK], tl.float32), mask=zk < zero_size)
     for m in range(M):

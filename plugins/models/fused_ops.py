@@ -567,10 +567,6 @@ SPLIT_DOWN_MAX_WEIGHT_ELEMENTS = int(float(os.environ.get(
 SPLIT_DOWN_BLOCK_N = int(os.environ.get("PAGEDLLM_SPLIT_DOWN_BLOCK_N", 32))
 SPLIT_DOWN_BLOCK_K = int(os.environ.get("PAGEDLLM_SPLIT_DOWN_BLOCK_K", 128))
 SPLIT_DOWN_WARPS = int(os.environ.get("PAGEDLLM_SPLIT_DOWN_WARPS", 4))
-# The split's programs pull the next layer's qkv weight into L2 (its GEMV starts late
-# beside them, see above): 1 before their PDL wait, 2 after it, 0 not.
-# PAGEDLLM_SPLIT_DOWN_PREFETCH sets it, for benchmarking.
-SPLIT_DOWN_PREFETCH = int(os.environ.get("PAGEDLLM_SPLIT_DOWN_PREFETCH", 0))
 
 
 def silu_mul_linear_sum_applies(rows: int, weight: torch.Tensor, force: bool = False) -> bool:
@@ -585,13 +581,11 @@ def silu_mul_linear_sum_applies(rows: int, weight: torch.Tensor, force: bool = F
 
 
 def silu_mul_linear_sum(gate_up: torch.Tensor, weight: torch.Tensor, out_sum: torch.Tensor,
-                        zero: torch.Tensor, prefetch: torch.Tensor | None = None
-                        ) -> torch.Tensor:
+                        zero: torch.Tensor) -> torch.Tensor:
     """``silu_and_mul(gate_up) @ weight.T`` added into ``out_sum`` ([rows, N] float32, zero
     on entry) and returned: the column blocks' shares are added with atomics, so in no
     fixed order, and its reader rounds it to the activation dtype (as down_proj rounds its
-    output).  ``zero`` (float32, contiguous) is set to zero on the way.  ``prefetch``: the
-    next kernel's weight, pulled into L2 meanwhile where ``SPLIT_DOWN_PREFETCH`` says."""
+    output).  ``zero`` (float32, contiguous) is set to zero on the way."""
     x2 = gate_up.reshape(-1, gate_up.shape[-1])
     rows = x2.shape[0]
     n, k = weight.shape
@@ -604,23 +598,8 @@ def silu_mul_linear_sum(gate_up: torch.Tensor, weight: torch.Tensor, out_sum: to
     block_k = min(SPLIT_DOWN_BLOCK_K, _next_pow2(k))
     grid = (-(-k // block_k), -(-n // block_n))
     zero_block = _next_pow2(-(-zero.numel() // (grid[0] * grid[1])))
-    pf = {}
-    if SPLIT_DOWN_PREFETCH and prefetch is not None and _l2_prefetchable(prefetch, weight):
-        nbytes = prefetch.numel() * prefetch.element_size()
-        lane = -(-nbytes // (grid[0] * grid[1] * 16)) * 16
-        pf = dict(pf_addr=prefetch.data_ptr(), pf_bytes=nbytes, pf_lane_bytes=lane,
-                  PREFETCH=SPLIT_DOWN_PREFETCH, PF_THREADS=32 * SPLIT_DOWN_WARPS)
     _kernels().silu_mul_split_kernel[grid](
         x2, weight, out_sum, zero, rows, n, k, x2.stride(0), weight.stride(0), zero.numel(),
         BLOCK_N=block_n, BLOCK_K=block_k, ZERO_BLOCK=zero_block,
-        **_pdl(out_sum, "silu"), num_warps=SPLIT_DOWN_WARPS, **pf)
+        **_pdl(out_sum, "silu"), num_warps=SPLIT_DOWN_WARPS)
     return out_sum
-
-
-def _l2_prefetchable(t: torch.Tensor, like: torch.Tensor) -> bool:
-    """A tensor a kernel beside ``like`` may pull into L2 with a bulk prefetch: contiguous
-    on the same CUDA device, 16-byte aligned and sized, on sm90 or later."""
-    nbytes = t.numel() * t.element_size()
-    return (t.is_cuda and t.device == like.device and t.is_contiguous()
-            and nbytes % 16 == 0 and t.data_ptr() % 16 == 0
-            and torch.cuda.get_device_capability(t.device)[0] >= 9)
