@@ -217,3 +217,30 @@ def test_graph_fed_ids_are_neither_copied_nor_filled(model_dir, fed):
     positions = [s.request.num_computed_tokens for s in sched.scheduled]
     assert mi.positions[:3].tolist() == positions
     assert mi.metadata.seq_lens[:3].tolist() == [p + 1 for p in positions]
+
+
+def test_one_layer_model_keeps_no_float32_sums(tmp_path, monkeypatch):
+    # o_proj's and down_proj's float32 sums: layer i adds into sum i and zeroes sum i - 1,
+    # which for one layer is the same sum; so a one-layer model never takes them, even
+    # where they would apply (forced here), and keeps HF's tokens.
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.plugins.models import decoder
+
+    from tiny_models import hf_greedy, make_hf_model
+
+    hf = make_hf_model("qwen3")
+    hf.model.layers = hf.model.layers[:1]
+    if getattr(hf.config, "layer_types", None):
+        hf.config.layer_types = hf.config.layer_types[:1]
+    hf.config.num_hidden_layers = 1
+    hf.save_pretrained(str(tmp_path))
+    monkeypatch.setattr(decoder, "silu_mul_linear_sum_applies", lambda rows, w: True)
+    monkeypatch.setattr(decoder, "combine_linear_applies", lambda rows, w: True)
+    llm = LLM(model=str(tmp_path), device="cpu", dtype="float32")
+    prompt = [5, 9, 2, 7]
+    out = llm.generate([{"prompt_token_ids": prompt}],
+                       SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                       use_tqdm=False)
+    model = llm.engine.model
+    assert model.down_sum_buffers is None and model.o_proj_sum_buffers is None
+    assert out[0].outputs[0].token_ids == hf_greedy(hf, prompt, 5).tokens

@@ -330,7 +330,7 @@ class DecoderForCausalLM(nn.Module):
     def _mlp_sums(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
         """[layers, 1, hidden] float32 sums for the one-launch MLP at one row (zeros when
         made, kept zero between uses by the kernels), or None where it does not run."""
-        if not (fused_ops.FUSED_MLP and rows == 1 and use_fused(x)):
+        if not (fused_ops.FUSED_MLP and rows == 1 and use_fused(x) and len(self.model.layers) > 1):
             return None
         sums = self.mlp_sum_buffers
         if sums is None or sums.device != x.device:
@@ -344,7 +344,8 @@ class DecoderForCausalLM(nn.Module):
         ``_mlp_sums``), or None where it cannot run this step."""
         o_proj = self.model.layers[0].self_attn.o_proj
         # A quantization method's module may have no ``weight``: it keeps its own o_proj.
-        if not (type(o_proj) is Linear and combine_linear_applies(rows, o_proj.weight)):
+        if not (len(self.model.layers) > 1 and type(o_proj) is Linear
+                and combine_linear_applies(rows, o_proj.weight)):
             return None
         weight = o_proj.weight
         sums = self.o_proj_sum_buffers
@@ -360,8 +361,9 @@ class DecoderForCausalLM(nn.Module):
         ``_o_proj_sums``, or None where it does not run this step."""
         mlp = self.model.layers[0].mlp
         down = mlp.down_proj
-        if not (mlp.silu and type(down) is Linear and down.bias is None
-                and silu_mul_linear_sum_applies(rows, down.weight)):
+        # One layer would zero its own sum as it adds into it (sums[i - 1] is sums[i]).
+        if not (len(self.model.layers) > 1 and mlp.silu and type(down) is Linear
+                and down.bias is None and silu_mul_linear_sum_applies(rows, down.weight)):
             return None
         sums = self.down_sum_buffers
         if sums is None or sums.device != down.weight.device:
