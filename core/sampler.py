@@ -18,8 +18,8 @@ from pagedllm.request import Request
 
 # The token ids' copy to the host on a side stream, so the next step's inputs (their copy
 # and fill, or ``step_inputs``' kernel) need not queue behind it; the step after waits for
-# it only before its model runs
-# (``Sampler.copy_done``), as that may overwrite the ids (a decode graph's argmax).
+# it only before its model runs (``Sampler.copy_done``), as that may overwrite the ids (a
+# decode graph's argmax).
 # Measured (H200, W2 Qwen3-0.6B, 2026-12-02 session 5): TPOT 0.590 against 0.594 ms, and
 # 0.583 against 0.588 with o_proj over partitions; device time the same.
 # PAGEDLLM_SIDE_COPY=0 turns it off.

@@ -327,50 +327,50 @@ class DecoderForCausalLM(nn.Module):
                                                                       d_sums[i - 1].view(-1)))
         return self.model.norm(x, residual)[0]
 
-    def _mlp_sums(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
-        """[layers, 1, hidden] float32 sums for the one-launch MLP at one row (zeros when
-        made, kept zero between uses by the kernels), or None where it does not run."""
-        if not (fused_ops.FUSED_MLP and rows == 1 and use_fused(x) and len(self.model.layers) > 1):
+    def _layer_sums(self, attr: str, rows: int, width: int, device: torch.device
+                    ) -> torch.Tensor | None:
+        """[layers, rows, width] float32 sums kept in attribute ``attr`` (zeros when made,
+        kept zero between uses by the kernels: layer i adds into sum i and zeroes sum
+        i - 1), or None for a one-layer model, whose layer would zero the sum it adds into
+        (sums[i - 1] is sums[i])."""
+        if len(self.model.layers) < 2:
             return None
-        sums = self.mlp_sum_buffers
-        if sums is None or sums.device != x.device:
-            sums = self.mlp_sum_buffers = torch.zeros(
-                len(self.model.layers), 1, x.shape[-1], dtype=torch.float32, device=x.device)
+        sums = getattr(self, attr)
+        if sums is None or sums.device != device:
+            sums = torch.zeros(len(self.model.layers), rows, width, dtype=torch.float32,
+                               device=device)
+            setattr(self, attr, sums)
         return sums
+
+    def _mlp_sums(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """[layers, 1, hidden] float32 sums for the one-launch MLP at one row
+        (``_layer_sums``), or None where it does not run."""
+        if not (fused_ops.FUSED_MLP and rows == 1 and use_fused(x)):
+            return None
+        return self._layer_sums("mlp_sum_buffers", 1, x.shape[-1], x.device)
 
     def _o_proj_sums(self, rows: int) -> torch.Tensor | None:
         """[layers, O_PROJ_MAX_ROWS, hidden] float32 sums for o_proj over attention
-        partitions (zeros when made, kept zero between uses by the kernels, as
-        ``_mlp_sums``), or None where it cannot run this step."""
+        partitions (``_layer_sums``), or None where it cannot run this step."""
         o_proj = self.model.layers[0].self_attn.o_proj
         # A quantization method's module may have no ``weight``: it keeps its own o_proj.
-        if not (len(self.model.layers) > 1 and type(o_proj) is Linear
-                and combine_linear_applies(rows, o_proj.weight)):
+        if not (type(o_proj) is Linear and combine_linear_applies(rows, o_proj.weight)):
             return None
         weight = o_proj.weight
-        sums = self.o_proj_sum_buffers
-        if sums is None or sums.device != weight.device:
-            sums = self.o_proj_sum_buffers = torch.zeros(
-                len(self.model.layers), fused_ops.O_PROJ_MAX_ROWS, weight.shape[0],
-                dtype=torch.float32, device=weight.device)
-        return sums
+        return self._layer_sums("o_proj_sum_buffers", fused_ops.O_PROJ_MAX_ROWS,
+                                weight.shape[0], weight.device)
 
     def _down_sums(self, rows: int) -> torch.Tensor | None:
         """[layers, O_PROJ_MAX_ROWS, hidden] float32 sums for down_proj split over its
-        columns (``fused_ops.silu_mul_linear_sum``), kept zero between uses as
-        ``_o_proj_sums``, or None where it does not run this step."""
+        columns (``fused_ops.silu_mul_linear_sum``, ``_layer_sums``), or None where it
+        does not run this step."""
         mlp = self.model.layers[0].mlp
         down = mlp.down_proj
-        # One layer would zero its own sum as it adds into it (sums[i - 1] is sums[i]).
-        if not (len(self.model.layers) > 1 and mlp.silu and type(down) is Linear
-                and down.bias is None and silu_mul_linear_sum_applies(rows, down.weight)):
+        if not (mlp.silu and type(down) is Linear and down.bias is None
+                and silu_mul_linear_sum_applies(rows, down.weight)):
             return None
-        sums = self.down_sum_buffers
-        if sums is None or sums.device != down.weight.device:
-            sums = self.down_sum_buffers = torch.zeros(
-                len(self.model.layers), fused_ops.O_PROJ_MAX_ROWS, down.weight.shape[0],
-                dtype=torch.float32, device=down.weight.device)
-        return sums
+        return self._layer_sums("down_sum_buffers", fused_ops.O_PROJ_MAX_ROWS,
+                                down.weight.shape[0], down.weight.device)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

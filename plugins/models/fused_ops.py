@@ -510,10 +510,17 @@ def combine_linear_applies(rows: int, weight: torch.Tensor, force: bool = False)
     """Whether ``combine_linear`` may take o_proj for a decode step of ``rows`` rows: on
     CUDA (or any with ``force``), half precision, at most ``O_PROJ_MAX_ROWS`` rows, a
     weight of at most ``O_PROJ_MAX_WEIGHT_ELEMENTS`` elements (``force`` too)."""
-    return ((force or (FUSED_O_PROJ and use_fused(weight)))
-            and weight.numel() <= O_PROJ_MAX_WEIGHT_ELEMENTS
-            and weight.dtype in O_PROJ_DTYPES
-            and 0 < rows <= O_PROJ_MAX_ROWS and weight.stride(-1) == 1)
+    return _sum_op_applies(force or (FUSED_O_PROJ and use_fused(weight)), rows,
+                           O_PROJ_MAX_ROWS, weight, O_PROJ_MAX_WEIGHT_ELEMENTS)
+
+
+def _sum_op_applies(on: bool, rows: int, max_rows: int, weight: torch.Tensor,
+                    max_elements: int) -> bool:
+    """The rule every op that adds into a model's per-layer float32 sums shares: switched
+    ``on``, 1 to ``max_rows`` rows, a contiguous half-precision weight of at most
+    ``max_elements`` elements."""
+    return (on and weight.numel() <= max_elements and weight.dtype in O_PROJ_DTYPES
+            and 0 < rows <= max_rows and weight.stride(-1) == 1)
 
 
 def combine_linear(partials, weight: torch.Tensor, out_sum: torch.Tensor,
@@ -574,10 +581,8 @@ def silu_mul_linear_sum_applies(rows: int, weight: torch.Tensor, force: bool = F
     any with ``force``), half precision, at most ``SPLIT_DOWN_MAX_ROWS`` rows (with
     ``force``: ``O_PROJ_MAX_ROWS``), a weight of at most ``SPLIT_DOWN_MAX_WEIGHT_ELEMENTS``."""
     max_rows = O_PROJ_MAX_ROWS if force else min(SPLIT_DOWN_MAX_ROWS, O_PROJ_MAX_ROWS)
-    return ((force or (SPLIT_DOWN and use_fused(weight)))
-            and weight.numel() <= SPLIT_DOWN_MAX_WEIGHT_ELEMENTS
-            and weight.dtype in O_PROJ_DTYPES
-            and 0 < rows <= max_rows and weight.stride(-1) == 1)
+    return _sum_op_applies(force or (SPLIT_DOWN and use_fused(weight)), rows, max_rows,
+                           weight, SPLIT_DOWN_MAX_WEIGHT_ELEMENTS)
 
 
 def silu_mul_linear_sum(gate_up: torch.Tensor, weight: torch.Tensor, out_sum: torch.Tensor,
