@@ -175,13 +175,10 @@ class LLMEngine:
         """KV blocks that fit in ``gpu_memory_utilization`` of the device after the weights
         and the peak activations of a profiling run at the largest batch."""
         from pagedllm.attention import AttentionMetadata
+        from pagedllm.memory_sizing import kv_cache_blocks, profile_lengths
 
         bs = self.config.block_size
-        lens = []
-        remaining = max_batched
-        while remaining > 0 and len(lens) < self.config.max_num_seqs:
-            lens.append(min(remaining, model_len))
-            remaining -= lens[-1]
+        lens = profile_lengths(max_batched, self.config.max_num_seqs, model_len)
         blocks_per = [-(-n // bs) for n in lens]
         shape = self.attention_cls.kv_cache_shape(sum(blocks_per), bs, self.num_kv_heads,
                                                   self.head_dim)
@@ -218,13 +215,8 @@ class LLMEngine:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         others = total - free - torch.cuda.memory_reserved(dev)  # other processes, CUDA context
-        budget = self.config.gpu_memory_utilization * total - others - peak
-        blocks = int(budget // self._block_bytes())
-        if blocks < 1:
-            raise ValueError(
-                f"gpu_memory_utilization: {self.config.gpu_memory_utilization} of "
-                f"{total / 2**30:.1f} GiB leaves no room for the KV cache after the model "
-                f"({peak / 2**30:.2f} GiB at peak); raise it or lower max_num_batched_tokens")
+        blocks = kv_cache_blocks(total, others, peak, self.config.gpu_memory_utilization,
+                                 self._block_bytes())
         self.log(f"profiling run: {peak / 2**30:.2f} GiB peak for weights and activations at "
                  f"{total_tokens} tokens; KV cache gets {blocks * self._block_bytes() / 2**30:.2f} GiB")
         return blocks
