@@ -22,6 +22,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--compare", choices=["hf"], default=None)
+    parser.add_argument("--json", metavar="FILE",
+                        help="also write the figures (seconds, bytes) to FILE as JSON")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--trace", metavar="FILE",
                         help="write a torch.profiler Chrome trace of 20 decode steps")
@@ -224,6 +226,15 @@ def run(args) -> None:
     for name, ttft, tpot in rows:
         ratio = f"{tpot / floor:.2f}x" if floor else "-"
         print(f"{name:<26}{ttft * 1e3:>10.2f}{tpot * 1e3:>10.3f}{ratio:>12}")
+    if args.json:
+        from pagedllm.bench.figures import device_name, write_figures
+
+        write_figures(args.json, {
+            "workload": "W2", "model": args.model, "dtype": str(engine.dtype)[6:],
+            "device": device_name(engine.device), "floor_s": floor,
+            "device_step_s": device_ms * 1e-3 if device_ms is not None else None,
+            "engines": {name: {"ttft_s": ttft, "tpot_s": tpot} for name, ttft, tpot in rows}})
+
 
 
 def main(argv=None) -> None:

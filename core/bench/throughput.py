@@ -29,6 +29,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--compare", choices=["hf"], default=None)
+    parser.add_argument("--json", metavar="FILE",
+                        help="also write the figures (tokens/s, the ceiling) to FILE as JSON")
     parser.add_argument("--hf-num-requests", type=int, default=64)
     parser.add_argument("--hf-batch-size", type=int, default=64)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -213,11 +215,13 @@ def run(args) -> None:
     print(f"\nW1 throughput: {args.num_requests} requests, model {args.model} "
           f"({args.load_format}), dtype {str(engine.dtype)[6:]}, attention "
           f"{engine.attention_cls.name}, device {engine.device}")
+    ceiling_tok_s = None
     if engine.device.type == "cuda":
         from pagedllm.bench.hardware import measure_ceilings
 
         ceil = measure_ceilings()
         floor = floor_seconds(engine, reqs, ceil)
+        ceiling_tok_s = n_out / floor
         print(f"ceilings: copy {ceil.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul "
               f"{ceil.matmul_flop_per_s / 1e12:.0f} TFLOP/s; floor {floor:.2f}s = "
               f"{n_out / floor:,.0f} output tok/s")
@@ -227,6 +231,14 @@ def run(args) -> None:
         print(f"{name:<26}{tps:>12,.0f}  {detail}")
     if len(rows) > 1:
         print(f"ratio pagedllm / HF: {rows[0][1] / rows[1][1]:.1f}x")
+    if args.json:
+        from pagedllm.bench.figures import device_name, write_figures
+
+        write_figures(args.json, {
+            "workload": "W1", "model": args.model, "dtype": str(engine.dtype)[6:],
+            "device": device_name(engine.device), "num_requests": args.num_requests,
+            "output_tokens": n_out, "ceiling_tok_s": ceiling_tok_s,
+            "engines": {name: {"out_tok_s": tps} for name, tps, _ in rows}})
 
 
 def main(argv=None) -> None:
