@@ -48,15 +48,16 @@ def test_throughput_writes_its_figures(tiny_shape, tmp_path):
 
 
 def _write_run(d, w1_tok_s=23_553.0, hf_tok_s=375.0, ceiling=35_227.0, qwen_tpot=0.558e-3,
-               llama_tpot=4.115e-3, of_copy=1.009):
+               llama_tpot=4.115e-3, of_copy=1.009, w1_model="qwen3-0.6b", w1_tokens=133_966,
+               llama_model="llama-3.1-8b"):
     dev = "NVIDIA H100 80GB HBM3"
-    write_figures(d / "w1.json", {"device": dev, "output_tokens": 133_966,
+    write_figures(d / "w1.json", {"device": dev, "model": w1_model, "output_tokens": w1_tokens,
                                   "ceiling_tok_s": ceiling,
                                   "engines": {"pagedllm": {"out_tok_s": w1_tok_s},
                                               targets.HF: {"out_tok_s": hf_tok_s}}})
-    for name, tpot, floor in (("w2-qwen3", qwen_tpot, 0.280e-3),
-                              ("w2-llama8b", llama_tpot, 3.774e-3)):
-        write_figures(d / f"{name}.json", {"device": dev, "floor_s": floor,
+    for name, model, tpot, floor in (("w2-qwen3", "qwen3-0.6b", qwen_tpot, 0.280e-3),
+                                     ("w2-llama8b", llama_model, llama_tpot, 3.774e-3)):
+        write_figures(d / f"{name}.json", {"device": dev, "model": model, "floor_s": floor,
                                            "device_step_s": tpot * 0.99,
                                            "engines": {"pagedllm": {"tpot_s": tpot,
                                                                     "ttft_s": 0.01}}})
@@ -87,6 +88,18 @@ def test_each_target_misses_on_its_own_figure(tmp_path, change, missed):
     met = [c.met for c in targets.check(tmp_path)]
     assert met[missed] is False
     assert all(m for i, m in enumerate(met) if i != missed and not (missed == 0 and i == 2))
+
+
+@pytest.mark.parametrize("change,unjudged", [
+    ({"w1_tokens": 30_000}, [0, 1, 2]),  # fewer requests than W1's
+    ({"w1_model": "llama-3.1-8b"}, [0, 1, 2]),
+    ({"llama_model": "qwen3-0.6b"}, [4]),
+])
+def test_another_workload_gets_no_verdict(tmp_path, change, unjudged):
+    _write_run(tmp_path, **change)
+    checks = targets.check(tmp_path)
+    assert [i for i, c in enumerate(checks) if c.met is None] == unjudged
+    assert all(checks[i].figure for i in unjudged)  # its figures still show
 
 
 def test_missing_runs_read_as_not_run(tmp_path):
