@@ -100,6 +100,7 @@ def test_another_workload_gets_no_verdict(tmp_path, change, unjudged):
     checks = targets.check(tmp_path)
     assert [i for i, c in enumerate(checks) if c.met is None] == unjudged
     assert all(checks[i].figure for i in unjudged)  # its figures still show
+    assert targets.table(checks).count("unjudged") == len(unjudged)
 
 
 def test_missing_runs_read_as_not_run(tmp_path):

@@ -89,9 +89,13 @@ def check(directory: str | Path) -> list[Check]:
 
 
 def table(checks: list[Check]) -> str:
-    word = {True: "met", False: "MISSED", None: "not run"}
+    def word(c: Check) -> str:
+        if c.met is None:  # figures of another workload, or of no GPU, are shown unjudged
+            return "unjudged" if c.figure else "not run"
+        return "met" if c.met else "MISSED"
+
     lines = [f"{'target':<42} {'':<8} figure | peer"]
-    lines += [f"{c.target:<42} {word[c.met]:<8} {c.figure} | {c.peer}" for c in checks]
+    lines += [f"{c.target:<42} {word(c):<8} {c.figure} | {c.peer}" for c in checks]
     return "\n".join(lines)
 
 
