@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# The name the benchmarks give the HF transformers peer's row, and ``targets`` looks up.
+HF_PEER = "HF transformers generate"
+
 
 def device_name(device) -> str:
     """The GPU's name (figures from an H100 and an H200 do not compare), or the device type."""

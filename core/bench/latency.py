@@ -11,6 +11,8 @@ import argparse
 import statistics
 import time
 
+from pagedllm.bench.figures import HF_PEER, device_name, write_figures
+
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -201,8 +203,7 @@ def run(args) -> None:
                 t2 = time.perf_counter()
                 hf_ttft.append(t1 - t0)
                 hf_tpot.append((t2 - t1 - (t1 - t0)) / (args.output_len - 1))
-        rows.append(("HF transformers generate", statistics.median(hf_ttft),
-                     statistics.median(hf_tpot)))
+        rows.append((HF_PEER, statistics.median(hf_ttft), statistics.median(hf_tpot)))
     print(f"\nW2 latency: prompt {args.input_len}, output {args.output_len}, batch 1, model "
           f"{args.model}, dtype {str(engine.dtype)[6:]}, attention {engine.attention_cls.name}, "
           f"device {engine.device}")
@@ -227,14 +228,11 @@ def run(args) -> None:
         ratio = f"{tpot / floor:.2f}x" if floor else "-"
         print(f"{name:<26}{ttft * 1e3:>10.2f}{tpot * 1e3:>10.3f}{ratio:>12}")
     if args.json:
-        from pagedllm.bench.figures import device_name, write_figures
-
         write_figures(args.json, {
             "workload": "W2", "model": args.model, "dtype": str(engine.dtype)[6:],
             "device": device_name(engine.device), "floor_s": floor,
             "device_step_s": device_ms * 1e-3 if device_ms is not None else None,
             "engines": {name: {"ttft_s": ttft, "tpot_s": tpot} for name, ttft, tpot in rows}})
-
 
 
 def main(argv=None) -> None:

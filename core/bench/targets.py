@@ -13,9 +13,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from pagedllm.bench.figures import HF_PEER as HF
 from pagedllm.bench.figures import read_figures
 
-HF = "HF transformers generate"
 W1_OUTPUT_TOKENS = 133_966  # BENCHMARKS.md: W1's 256 requests ask for this many
 
 

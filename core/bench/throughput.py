@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 
+from pagedllm.bench.figures import HF_PEER, device_name, write_figures
 from pagedllm.bench.workloads import w1_requests
 
 
@@ -210,7 +211,7 @@ def run(args) -> None:
     if args.compare == "hf":
         hf_reqs = reqs[: args.hf_num_requests]
         hf_tps, hf_n = hf_generate_tok_s(engine, hf_reqs, args.hf_batch_size)
-        rows.append(("HF transformers generate", hf_tps,
+        rows.append((HF_PEER, hf_tps,
                      f"{hf_n} tokens, first {len(hf_reqs)} requests, batches of {args.hf_batch_size}"))
     print(f"\nW1 throughput: {args.num_requests} requests, model {args.model} "
           f"({args.load_format}), dtype {str(engine.dtype)[6:]}, attention "
@@ -224,16 +225,14 @@ def run(args) -> None:
         ceiling_tok_s = n_out / floor
         print(f"ceilings: copy {ceil.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul "
               f"{ceil.matmul_flop_per_s / 1e12:.0f} TFLOP/s; floor {floor:.2f}s = "
-              f"{n_out / floor:,.0f} output tok/s")
-        rows = [(n, t, d + f"; {t / (n_out / floor):.1%} of the ceiling") for n, t, d in rows]
+              f"{ceiling_tok_s:,.0f} output tok/s")
+        rows = [(n, t, d + f"; {t / ceiling_tok_s:.1%} of the ceiling") for n, t, d in rows]
     print(f"{'engine':<26}{'out tok/s':>12}  detail")
     for name, tps, detail in rows:
         print(f"{name:<26}{tps:>12,.0f}  {detail}")
     if len(rows) > 1:
         print(f"ratio pagedllm / HF: {rows[0][1] / rows[1][1]:.1f}x")
     if args.json:
-        from pagedllm.bench.figures import device_name, write_figures
-
         write_figures(args.json, {
             "workload": "W1", "model": args.model, "dtype": str(engine.dtype)[6:],
             "device": device_name(engine.device), "num_requests": args.num_requests,
