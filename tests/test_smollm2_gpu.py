@@ -1,6 +1,6 @@
 """The real default model, SmolLM2-135M-Instruct, on a CUDA device with the fast path (the
 triton backend, CUDA graphs, fused decode kernels): fp32 equals HF transformers token for
-token, and bf16 stays as close to that fp32 reference as HF's own bf16 does.  A trained
+token, and bf16 stays about as close to that fp32 reference as HF's own bf16 does.  A trained
 model has few near-ties, so this is where bf16 rounding in our kernels would show.
 
 The GGUF comes from the cache (``PAGEDLLM_CACHE_DIR``) or PyPI; skipped without CUDA."""
@@ -13,9 +13,20 @@ from pagedllm import LLM, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
+# 24 chat prompts: a 135M model's bf16 rounding flips a close choice within 32 tokens on
+# many of them, in HF's bf16 as in ours, and where is chance, so a handful of prompts
+# cannot tell a worse bf16 path from luck.
 QUESTIONS = ["What is the capital of France?", "Name three fruits.", "What is 7 times 8?",
              "Write a haiku about rain.", "Who wrote Hamlet?", "Explain gravity briefly.",
-             "List the days of the week.", "What colour is the sky?"]
+             "List the days of the week.", "What colour is the sky?",
+             "How do plants make food?", "Give me a tip for sleeping well.",
+             "What is a prime number?", "Describe a cat in one sentence.",
+             "Why is the sea salty?", "Translate 'good morning' into Spanish.",
+             "What does a computer's CPU do?", "Suggest a name for a pet fish.",
+             "How many legs does a spider have?", "What is the boiling point of water?",
+             "Write a short greeting for a birthday card.", "What is photosynthesis?",
+             "Name a famous painter.", "How far is the Moon from the Earth?",
+             "What is the largest ocean?", "Tell me a fun fact about honey."]
 TOKENS = 32
 
 
@@ -71,10 +82,14 @@ def smollm2_on(device: str, path) -> str:
         hf_err.append(abs(float(torch.log_softmax(h[1], -1)[t]) - ref))
     summary = (f"{device}: fp32 identical to HF on {len(prompts)}/{len(prompts)} prompts; "
                f"bf16 tokens agreeing with fp32 before the first difference (of {TOKENS}): "
-               f"ours {ours}, HF bf16 {theirs}; first-token logprob error: ours max "
+               f"ours {ours} (sum {sum(ours)}, all {TOKENS} on {ours.count(TOKENS)}), "
+               f"HF bf16 {theirs} (sum {sum(theirs)}, all on {theirs.count(TOKENS)}); first-token logprob error: ours max "
                f"{max(ours_err, default=0):.4f}, HF bf16 max {max(hf_err):.4f}")
     print(summary)
-    assert ours.count(TOKENS) >= theirs.count(TOKENS) - 1, summary
+    # As close as HF's bf16, with room for chance: the tokens agreeing before the first
+    # difference, summed over the prompts, at least 3/4 of HF bf16's; the first 8 tokens
+    # identical on most prompts.
+    assert sum(ours) >= 0.75 * sum(theirs), summary
     assert sum(n >= 8 for n in ours) > len(ours) // 2, summary
     assert len(ours_err) >= sum(n >= 1 for n in theirs) - 1, summary
     assert max(ours_err) <= 2 * max(hf_err) + 0.02, summary
