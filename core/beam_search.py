@@ -1,11 +1,21 @@
 """Beam search over the paged engine, with beams sharing blocks copy-on-write.
 
-Each round runs every live beam for one token and reads the top ``2 * beam_width``
-log-probabilities of its next-token distribution.  The best ``beam_width`` continuations
-become the next beams: each is a fork of its parent's block table plus one new token, so the
-prompt and the common history stay in shared blocks and only a written partial block is
-copied.  Parents are released once their children exist.  A candidate ending in EOS becomes
-a finished hypothesis, scored ``cumulative logprob / generated_length ** length_penalty``.
+Each round runs every live beam for one token and reads the top ``K`` log-probabilities of
+its next-token distribution, ``K = max(2, 1 + number of EOS ids) * beam_width`` (capped at
+the engine's 20 logprobs): the global top ``K`` continuations of a prompt lie among them.
+The best ``beam_width`` continuations that do not end become the next beams: each is a fork
+of its parent's block table plus one new token, so the prompt and the common history stay
+in shared blocks and only a written partial block is copied.  Parents are released once
+their children exist.
+
+The rules are HF transformers' ``generate(num_beams=...)`` with its default
+``early_stopping=False``, so the same weights give the same beams:
+- a continuation ends when its token is an EOS id (unless ``ignore_eos``) or it reaches
+  ``max_tokens``; only one ranked among the top ``beam_width`` becomes a finished
+  hypothesis, scored ``cumulative logprob / generated_length ** length_penalty`` (the EOS
+  token counted), and the best ``beam_width`` hypotheses are kept;
+- a prompt is done once ``beam_width`` hypotheses exist and the best live beam, scored at
+  its current length, cannot beat the worst of them.
 """
 from __future__ import annotations
 
@@ -52,16 +62,16 @@ class _Beam:
     cum_logprob: float
 
 
-def _score(seq_tokens: int, prompt_len: int, cum: float, length_penalty: float) -> float:
-    return cum / max(1, seq_tokens - prompt_len) ** length_penalty
+def _score(generated: int, cum: float, length_penalty: float) -> float:
+    return cum / max(1, generated) ** length_penalty
 
 
 def beam_search(engine, prompts: list[list[int]], params: BeamSearchParams) -> list[BeamSearchOutput]:
     ids = itertools.count()
     k = params.beam_width
-    step_params = SamplingParams(temperature=0, max_tokens=1, logprobs=min(20, 2 * k),
-                                 ignore_eos=True)
-    eos = engine.eos_token_ids
+    eos = set() if params.ignore_eos else set(engine.eos_token_ids)
+    width = min(20, max(2, 1 + len(eos)) * k)  # HF's candidates per step, within our logprobs cap
+    step_params = SamplingParams(temperature=0, max_tokens=1, logprobs=width, ignore_eos=True)
 
     def start(tokens: list[int], parent: Request | None) -> Request:
         req = engine.make_request(f"beam-{next(ids)}", {"prompt_token_ids": tokens}, step_params)
@@ -74,47 +84,47 @@ def beam_search(engine, prompts: list[list[int]], params: BeamSearchParams) -> l
 
     live = [[_Beam(start(p, None), p, 0.0)] for p in prompts]
     finished: list[list[BeamSequence]] = [[] for _ in prompts]
-    for generated in range(params.max_tokens):
+    for generated in range(1, params.max_tokens + 1):
         while engine.has_unfinished_requests():
             engine.step()
-        for i, prompt in enumerate(prompts):
-            candidates = []
-            for beam in live[i]:
-                for token, lp in beam.request.logprobs[0].items():
-                    candidates.append((beam.cum_logprob + lp.logprob, beam, token))
-            candidates.sort(key=lambda c: -c[0])
+        last = generated == params.max_tokens
+        for i in range(len(prompts)):
+            if not live[i]:
+                continue
+            candidates = [(beam.cum_logprob + lp.logprob, beam, token)
+                          for beam in live[i] for token, lp in beam.request.logprobs[0].items()]
+            candidates.sort(key=lambda c: -c[0])  # stable: ties keep beam, then token order
             chosen = []
-            for cum, beam, token in candidates:
+            for rank, (cum, beam, token) in enumerate(candidates[:width]):
                 tokens = beam.tokens + [token]
-                if token in eos and not params.ignore_eos:
-                    if len(finished[i]) < k or cum > min(f.cum_logprob for f in finished[i]):
-                        finished[i].append(BeamSequence(
-                            tokens, cum, finished=True,
-                            score=_score(len(tokens), len(prompt), cum, params.length_penalty)))
-                    continue
-                chosen.append((cum, beam, tokens))
-                if len(chosen) == k:
-                    break
-            last = generated + 1 == params.max_tokens
-            new_live = []
-            for cum, beam, tokens in chosen:
-                if last:
-                    finished[i].append(BeamSequence(
-                        tokens, cum, score=_score(len(tokens), len(prompt), cum,
-                                                  params.length_penalty)))
-                else:
-                    new_live.append(_Beam(start(tokens, beam.request), tokens, cum))
-            for beam in live[i]:
+                if last or token in eos:
+                    if rank < k:  # lower ranks only stand by to keep k beams going
+                        finished[i].append(BeamSequence(tokens, cum, finished=token in eos,
+                                                        score=_score(generated, cum,
+                                                                     params.length_penalty)))
+                elif len(chosen) < k:
+                    chosen.append((cum, beam, tokens))
+            finished[i].sort(key=lambda s: -s.score)
+            del finished[i][k:]
+            parents = live[i]
+            # Done once k hypotheses exist and the best live beam, at its current length,
+            # scores no better than the worst of them (HF's heuristic for early_stopping=False).
+            best_live = _score(generated, chosen[0][0], params.length_penalty) if chosen else None
+            if (last or best_live is None
+                    or (len(finished[i]) == k and best_live <= finished[i][-1].score)):
+                live[i] = []
+            else:
+                live[i] = [_Beam(start(tokens, beam.request), tokens, cum)
+                           for cum, beam, tokens in chosen]
+            for beam in parents:  # after the children forked their blocks
                 engine.release(beam.request)
-            live[i] = new_live
         if not any(live):
             break
     outputs = []
     tok = engine.tokenizer
     for prompt, done in zip(prompts, finished):
-        done.sort(key=lambda s: -s.score)
-        for seq in done[:k]:
+        for seq in done:
             if tok is not None:
                 seq.text = tok.decode(seq.tokens[len(prompt):], skip_special_tokens=True)
-        outputs.append(BeamSearchOutput(prompt, done[:k]))
+        outputs.append(BeamSearchOutput(prompt, done))
     return outputs

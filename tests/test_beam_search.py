@@ -37,6 +37,52 @@ def test_beams_match_hf_generate_num_beams(tiny, width):
     assert s["kv_blocks_free"] == s["kv_blocks_total"]
 
 
+def _hf_beams(hf, prompt, width, max_tokens, eos, length_penalty):
+    """HF's returned beams (each cut after its EOS, as HF pads after it) and their scores."""
+    ref = hf.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=width,
+                      do_sample=False, max_new_tokens=max_tokens, eos_token_id=eos,
+                      pad_token_id=eos, length_penalty=length_penalty,
+                      output_scores=True, return_dict_in_generate=True)
+    beams = []
+    for row in ref.sequences:
+        tokens = row[len(prompt):].tolist()
+        beams.append(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
+    return beams, ref.sequences_scores.tolist()
+
+
+@pytest.mark.parametrize("width,length_penalty,eos_at", [
+    (2, 1.0, 1), (3, 0.0, 1), (4, 1.0, 1), (4, 2.0, 1), (2, 1.0, 0), (3, 0.0, 0)])
+def test_beams_that_end_match_hf_generate(tiny, width, length_penalty, eos_at):
+    """With an end-of-sequence token that the beams do meet, HF's rules: which hypotheses
+    end, how they score, and when a prompt is done.  The EOS is the token the best free
+    beam chooses at position ``eos_at``, so hypotheses end early and the live ones go on
+    past them; at position 0 some prompts end before ``max_tokens`` (HF's early stop)."""
+    model_dir, hf = tiny
+    llm = LLM(model=model_dir, device="cpu", num_kv_blocks=256, block_size=4)
+    prompts = random_prompts([9, 14], seed=10 + width)
+    ended = 0
+    for prompt in prompts:
+        free = llm.beam_search({"prompt_token_ids": prompt},
+                               BeamSearchParams(beam_width=width, max_tokens=10,
+                                                ignore_eos=True))[0]
+        eos = free.sequences[0].tokens[len(prompt) + eos_at]
+        llm.engine.eos_token_ids = {eos}
+        out = llm.beam_search({"prompt_token_ids": prompt},
+                              BeamSearchParams(beam_width=width, max_tokens=10,
+                                               length_penalty=length_penalty))[0]
+        want, scores = _hf_beams(hf, prompt, width, 10, eos, length_penalty)
+        assert [s.tokens[len(prompt):] for s in out.sequences] == want
+        assert [s.score for s in out.sequences] == pytest.approx(scores, abs=1e-4)
+        for s in out.sequences:
+            generated = s.tokens[len(prompt):]
+            assert s.finished == (generated[-1] == eos)
+            assert s.score == pytest.approx(s.cum_logprob / len(generated) ** length_penalty)
+        ended += sum(s.finished for s in out.sequences)
+    assert ended > 0  # the case this test is for: some hypotheses ended by EOS
+    s = llm.stats()
+    assert s["kv_blocks_free"] == s["kv_blocks_total"]
+
+
 def test_beams_share_the_prompt_blocks(tiny):
     model_dir, _ = tiny
     llm = LLM(model=model_dir, device="cpu", num_kv_blocks=512, block_size=4,
