@@ -59,11 +59,32 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def open_reader(path: Path):
+def _reader_class():
     import gguf
 
+    class PlainArrayReader(gguf.GGUFReader):
+        """``gguf.GGUFReader`` slicing a plain ndarray view of its memory map.  The reader
+        takes every metadata value (each of a tokenizer's ~100k strings and merges) as a
+        slice of ``np.memmap``, whose subclass hooks run on every slice: a view of the
+        same mapped bytes as a base ndarray reads SmolLM2's metadata about 4x faster.
+        Same values, same memory; only ``_get`` differs."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+            count = int(count)
+            end = offset + np.dtype(dtype).itemsize * count
+            arr = plain[offset:end].view(dtype=dtype)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return arr.view(arr.dtype.newbyteorder(order))
+
+    return PlainArrayReader
+
+
+def open_reader(path: Path):
     try:
-        return gguf.GGUFReader(str(path))
+        return _reader_class()(str(path))
     except Exception as exc:  # truncated or corrupt files fail inside numpy memmaps
         raise ModelLoadError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
 
