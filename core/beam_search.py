@@ -8,14 +8,16 @@ of its parent's block table plus one new token, so the prompt and the common his
 in shared blocks and only a written partial block is copied.  Parents are released once
 their children exist.
 
-The rules are HF transformers' ``generate(num_beams=...)`` with its default
-``early_stopping=False``, so the same weights give the same beams:
+The rules are HF transformers' ``generate(num_beams=...)``, ``early_stopping`` included,
+so the same weights give the same beams:
 - a continuation ends when its token is an EOS id (unless ``ignore_eos``) or it reaches
   ``max_tokens``; only one ranked among the top ``beam_width`` becomes a finished
   hypothesis, scored ``cumulative logprob / generated_length ** length_penalty`` (the EOS
   token counted), and the best ``beam_width`` hypotheses are kept;
-- a prompt is done once ``beam_width`` hypotheses exist and the best live beam, scored at
-  its current length, cannot beat the worst of them.
+- a prompt is done once ``beam_width`` hypotheses exist and (with ``early_stopping``
+  False, the default) the best live beam, scored at its current length, cannot beat the
+  worst of them; with True, at once; with "never", scored at ``max_tokens`` when
+  ``length_penalty`` > 0.
 """
 from __future__ import annotations
 
@@ -32,8 +34,15 @@ class BeamSearchParams:
     max_tokens: int
     ignore_eos: bool = False
     length_penalty: float = 1.0
+    # HF's: False stops a prompt once its best live beam, scored at its current length,
+    # can't beat the worst hypothesis; True once beam_width hypotheses exist; "never" as
+    # False, but scoring the live beam at max_tokens when length_penalty > 0.
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
+        if self.early_stopping not in (True, False, "never"):
+            raise InvalidRequestError("early_stopping",
+                                      f"must be true, false or 'never', got {self.early_stopping!r}")
         if not isinstance(self.beam_width, int) or not 1 <= self.beam_width <= 10:
             raise InvalidRequestError("beam_width", f"must be in [1, 10], got {self.beam_width!r}")
         if self.max_tokens < 1:
@@ -107,11 +116,15 @@ def beam_search(engine, prompts: list[list[int]], params: BeamSearchParams) -> l
             finished[i].sort(key=lambda s: -s.score)
             del finished[i][k:]
             parents = live[i]
-            # Done once k hypotheses exist and the best live beam, at its current length,
-            # scores no better than the worst of them (HF's heuristic for early_stopping=False).
-            best_live = _score(generated, chosen[0][0], params.length_penalty) if chosen else None
+            # Done once k hypotheses exist and, unless early_stopping is True, the best live
+            # beam scores no better than the worst of them (HF's heuristic).
+            length = generated
+            if params.early_stopping == "never" and params.length_penalty > 0:
+                length = params.max_tokens
+            best_live = _score(length, chosen[0][0], params.length_penalty) if chosen else None
             if (last or best_live is None
-                    or (len(finished[i]) == k and best_live <= finished[i][-1].score)):
+                    or (len(finished[i]) == k and (params.early_stopping is True
+                                                   or best_live <= finished[i][-1].score))):
                 live[i] = []
             else:
                 live[i] = [_Beam(start(tokens, beam.request), tokens, cum)

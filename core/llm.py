@@ -108,7 +108,7 @@ class LLM:
     def beam_search(self, prompts: PromptType | Sequence[PromptType],
                     params: "BeamSearchParams") -> list["BeamSearchOutput"]:
         """Beam search (vLLM's shape): the ``beam_width`` best continuations of each prompt,
-        best first, chosen by HF transformers' ``num_beams`` rules (``early_stopping=False``),
+        best first, chosen by HF transformers' ``num_beams`` rules (``early_stopping`` too),
         so the same weights give HF's beams and scores.  Beams share their common blocks
         copy-on-write."""
         from pagedllm.beam_search import beam_search

@@ -37,11 +37,12 @@ def test_beams_match_hf_generate_num_beams(tiny, width):
     assert s["kv_blocks_free"] == s["kv_blocks_total"]
 
 
-def _hf_beams(hf, prompt, width, max_tokens, eos, length_penalty):
+def _hf_beams(hf, prompt, width, max_tokens, eos, length_penalty, early_stopping):
     """HF's returned beams (each cut after its EOS, as HF pads after it) and their scores."""
     ref = hf.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=width,
                       do_sample=False, max_new_tokens=max_tokens, eos_token_id=eos,
                       pad_token_id=eos, length_penalty=length_penalty,
+                      early_stopping=early_stopping,
                       output_scores=True, return_dict_in_generate=True)
     beams = []
     for row in ref.sequences:
@@ -50,9 +51,12 @@ def _hf_beams(hf, prompt, width, max_tokens, eos, length_penalty):
     return beams, ref.sequences_scores.tolist()
 
 
-@pytest.mark.parametrize("width,length_penalty,eos_at", [
-    (2, 1.0, 1), (3, 0.0, 1), (4, 1.0, 1), (4, 2.0, 1), (2, 1.0, 0), (3, 0.0, 0)])
-def test_beams_that_end_match_hf_generate(tiny, width, length_penalty, eos_at):
+@pytest.mark.parametrize("width,length_penalty,eos_at,early_stopping", [
+    (2, 1.0, 1, False), (3, 0.0, 1, False), (4, 1.0, 1, False), (4, 2.0, 1, False),
+    (2, 1.0, 0, False), (3, 0.0, 0, False), (3, 0.0, 0, True), (2, 1.0, 1, True),
+    (3, 0.5, 0, "never"), (2, 1.0, 1, "never")])
+def test_beams_that_end_match_hf_generate(tiny, width, length_penalty, eos_at,
+                                          early_stopping):
     """With an end-of-sequence token that the beams do meet, HF's rules: which hypotheses
     end, how they score, and when a prompt is done.  The EOS is the token the best free
     beam chooses at position ``eos_at``, so hypotheses end early and the live ones go on
@@ -69,8 +73,9 @@ def test_beams_that_end_match_hf_generate(tiny, width, length_penalty, eos_at):
         llm.engine.eos_token_ids = {eos}
         out = llm.beam_search({"prompt_token_ids": prompt},
                               BeamSearchParams(beam_width=width, max_tokens=10,
-                                               length_penalty=length_penalty))[0]
-        want, scores = _hf_beams(hf, prompt, width, 10, eos, length_penalty)
+                                               length_penalty=length_penalty,
+                                               early_stopping=early_stopping))[0]
+        want, scores = _hf_beams(hf, prompt, width, 10, eos, length_penalty, early_stopping)
         assert [s.tokens[len(prompt):] for s in out.sequences] == want
         assert [s.score for s in out.sequences] == pytest.approx(scores, abs=1e-4)
         for s in out.sequences:
@@ -123,3 +128,5 @@ def test_bad_beam_params_name_the_field():
         BeamSearchParams(beam_width=0, max_tokens=4)
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         BeamSearchParams(beam_width=2, max_tokens=0)
+    with pytest.raises(InvalidRequestError, match="early_stopping"):
+        BeamSearchParams(beam_width=2, max_tokens=4, early_stopping="sometimes")
