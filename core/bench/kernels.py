@@ -20,11 +20,12 @@ captured is timed eagerly (marked ``*``).  GPU only: CPU timings of GPU kernels 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
 import torch
+
+from pagedllm.bench.figures import write_figures
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -191,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                      for cls in backends if cls.name != base]
             print(f"  B={row['batch']:<4} ctx={row['context']:<6} " + ", ".join(parts))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": props.name, "copy_bytes_per_s": bw, "rows": rows}, f, indent=1)
+        write_figures(args.json, {"device": props.name, "copy_bytes_per_s": bw, "rows": rows})
     return 0
 
 

@@ -7,6 +7,7 @@ interleaved for its rotary layout; we undo that so the weights are HF's again.
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,7 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+@functools.cache
 def _reader_class():
     import gguf
 
