@@ -6,6 +6,8 @@ import torch
 
 from pagedllm import SamplingParams
 
+from tiny_models import agreeing_prefix
+
 pytestmark = pytest.mark.slow
 
 
@@ -66,10 +68,6 @@ def test_batched_chat_equals_one_at_a_time(smollm2_llm):
         assert alone.outputs[0].token_ids == b.outputs[0].token_ids
 
 
-def _agreeing_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def test_bf16_stays_as_close_to_fp32_as_hf_bf16_does(smollm2_path, smollm2_llm, hf_model):
     """bf16 weights, activations and KV cache against the fp32 engine on a trained model,
     with HF transformers' own bf16 as the bar: a 135M model's bf16 rounding flips a close
@@ -95,8 +93,8 @@ def test_bf16_stays_as_close_to_fp32_as_hf_bf16_does(smollm2_path, smollm2_llm, 
         ids = torch.tensor([w.prompt_token_ids])
         with torch.no_grad():
             h = hf16.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-        ours.append(_agreeing_prefix(g.outputs[0].token_ids, w.outputs[0].token_ids))
-        theirs.append(_agreeing_prefix(h[0, ids.shape[1]:].tolist(), w.outputs[0].token_ids))
+        ours.append(agreeing_prefix(g.outputs[0].token_ids, w.outputs[0].token_ids))
+        theirs.append(agreeing_prefix(h[0, ids.shape[1]:].tolist(), w.outputs[0].token_ids))
     ids = want[0].prompt_token_ids
     ref, first = _last_logits(smollm2_llm, ids), _last_logits(bf16, ids).float()
     rel = float((first - ref).norm() / ref.norm())

@@ -11,6 +11,8 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 
+from tiny_models import agreeing_prefix, hf_greedy
+
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 # 24 chat prompts: a 135M model's bf16 rounding flips a close choice within 32 tokens on
@@ -30,23 +32,6 @@ QUESTIONS = ["What is the capital of France?", "Name three fruits.", "What is 7 
 TOKENS = 32
 
 
-def _agreeing_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-@torch.no_grad()
-def _hf_greedy(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
-    """HF's greedy continuation on the model's device, and its first step's logits (fp32)."""
-    dev = next(model.parameters()).device
-    ids = torch.tensor([prompt], device=dev)
-    # No end-of-sequence token, as ignore_eos: min_new_tokens would instead forbid EOS,
-    # changing the choice wherever a short answer ends.
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS,
-                         eos_token_id=None, pad_token_id=0, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
-    return out.sequences[0, len(prompt):].tolist(), out.logits[0][0].float().cpu()
-
-
 def smollm2_on(device: str, path) -> str:
     """Runs the checks on ``device`` and returns a one-line summary; raises AssertionError
     with that summary when one fails.  A function, so the same checks can run on CPU by
@@ -60,31 +45,32 @@ def smollm2_on(device: str, path) -> str:
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
     ours32 = fp32.chat(convs, params, use_tqdm=False)
     prompts = [o.prompt_token_ids for o in ours32]
-    want = [_hf_greedy(hf, p) for p in prompts]
-    for o, (tokens, _) in zip(ours32, want):
-        assert o.outputs[0].token_ids == tokens, (
+    want = [hf_greedy(hf, p, TOKENS, eos_ends=False) for p in prompts]
+    for o, w in zip(ours32, want):
+        assert o.outputs[0].token_ids == w.tokens, (
             f"fp32 on {device} differs from HF at token "
-            f"{_agreeing_prefix(o.outputs[0].token_ids, tokens)} of {TOKENS}")
+            f"{agreeing_prefix(o.outputs[0].token_ids, w.tokens)} of {TOKENS}")
     del fp32
 
-    hf16 = [_hf_greedy(hf.to(torch.bfloat16), p) for p in prompts]
+    hf16 = [hf_greedy(hf.to(torch.bfloat16), p, TOKENS, eos_ends=False) for p in prompts]
     bf16 = LLM(model=str(path), dtype="bfloat16", device=device, num_kv_blocks=256)
     got = [o.outputs[0] for o in bf16.chat(convs, params, use_tqdm=False)]
-    ours = [_agreeing_prefix(g.token_ids, w[0]) for g, w in zip(got, want)]
-    theirs = [_agreeing_prefix(h[0], w[0]) for h, w in zip(hf16, want)]
+    ours = [agreeing_prefix(g.token_ids, w.tokens) for g, w in zip(got, want)]
+    theirs = [agreeing_prefix(h.tokens, w.tokens) for h, w in zip(hf16, want)]
     # The first token's log-prob under our bf16 against HF's fp32, and HF bf16's error there.
     ours_err, hf_err = [], []
-    for g, h, (tokens, logits) in zip(got, hf16, want):
-        t = tokens[0]
-        ref = float(torch.log_softmax(logits, -1)[t])
+    for g, h, w in zip(got, hf16, want):
+        t = w.tokens[0]
+        ref = float(torch.log_softmax(w.step_logits[0], -1)[t])
         if g.token_ids[0] == t:
             ours_err.append(abs(g.logprobs[0][t].logprob - ref))
-        hf_err.append(abs(float(torch.log_softmax(h[1], -1)[t]) - ref))
+        hf_err.append(abs(float(torch.log_softmax(h.step_logits[0], -1)[t]) - ref))
     summary = (f"{device}: fp32 identical to HF on {len(prompts)}/{len(prompts)} prompts; "
                f"bf16 tokens agreeing with fp32 before the first difference (of {TOKENS}): "
                f"ours {ours} (sum {sum(ours)}, all {TOKENS} on {ours.count(TOKENS)}), "
-               f"HF bf16 {theirs} (sum {sum(theirs)}, all on {theirs.count(TOKENS)}); first-token logprob error: ours max "
-               f"{max(ours_err, default=0):.4f}, HF bf16 max {max(hf_err):.4f}")
+               f"HF bf16 {theirs} (sum {sum(theirs)}, all on {theirs.count(TOKENS)}); "
+               f"first-token logprob error: ours max {max(ours_err, default=0):.4f}, "
+               f"HF bf16 max {max(hf_err):.4f}")
     print(summary)
     # As close as HF's bf16, with room for chance: the tokens agreeing before the first
     # difference, summed over the prompts, at least 3/4 of HF bf16's; the first 8 tokens

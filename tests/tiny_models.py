@@ -123,20 +123,24 @@ class GreedyReference:
 
 
 @torch.no_grad()
-def hf_greedy(model, prompt: list[int], n: int) -> GreedyReference:
-    """HF ``generate`` greedy continuation of one unpadded prompt, exactly ``n`` tokens."""
-    ids = torch.tensor([prompt], dtype=torch.long)
+def hf_greedy(model, prompt: list[int], n: int, eos_ends: bool = True) -> GreedyReference:
+    """HF ``generate`` greedy continuation of one unpadded prompt, exactly ``n`` tokens, on
+    the model's device.  By default EOS is forbidden (``min_new_tokens``); with
+    ``eos_ends=False`` it may be chosen and generation goes on, as ``ignore_eos`` does
+    (forbidding it would change the choice wherever a short answer ends)."""
+    ids = torch.tensor([prompt], dtype=torch.long, device=next(model.parameters()).device)
+    ends = dict(min_new_tokens=n) if eos_ends else dict(eos_token_id=None, pad_token_id=0)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=n,
-        min_new_tokens=n,
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
+        **ends,
     )
     tokens = out.sequences[0, len(prompt):].tolist()
-    logits = torch.cat([step.float() for step in out.logits], dim=0)
+    logits = torch.cat([step.float() for step in out.logits], dim=0).cpu()
     assert len(tokens) == n and logits.shape[0] == n
     return GreedyReference(list(prompt), tokens, logits)
 
@@ -162,6 +166,11 @@ def assert_well_separated(refs: list[GreedyReference], min_gap: float = 1e-3) ->
         f"seed or prompts so greedy decoding is not decided by rounding"
     )
     assert not math.isnan(worst)
+
+
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens ``a`` and ``b`` share before their first difference."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def output_token_ids(outputs) -> list[list[int]]:
